@@ -1,0 +1,298 @@
+"""The DSpark drafter: Qwen3-style layers whose keys/values are [projected target context ; draft block]."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen3.modeling_qwen3 import (
+    Qwen3Attention,
+    Qwen3MLP,
+    Qwen3RMSNorm,
+    Qwen3RotaryEmbedding,
+    eager_attention_forward,
+    rotate_half,
+)
+from transformers.utils import ModelOutput
+
+from .configuration_dspark import DSparkConfig
+from .heads import ConfidenceHead, build_markov_head
+
+
+class DSparkContextCache:
+    """Per-layer keys/values of the projected target context, so each round only pushes new positions.
+
+    Block keys/values are never stored: a block is re-drafted every round, the context only grows.
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[-2]
+
+    def extend(
+        self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append context keys/values [B, H, C, D] of one layer; return the full cached context."""
+        if self.keys[layer_idx] is not None:
+            keys = torch.cat([self.keys[layer_idx], keys], dim=-2)
+            values = torch.cat([self.values[layer_idx], values], dim=-2)
+        self.keys[layer_idx], self.values[layer_idx] = keys, values
+        return keys, values
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` context positions (drop positions the target rejected)."""
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None:
+                self.keys[i], self.values[i] = k[..., :length, :], v[..., :length, :]
+
+
+@dataclass
+class DSparkOutput(ModelOutput):
+    """Outputs of a drafter forward over one or more blocks.
+
+    last_hidden_state: [B, L, d] backbone output after the final norm.
+    base_logits: [B, L, V] `lm_head(last_hidden_state)`, the parallel (DFlash) draft distribution.
+    logits: [B, L, V] base logits plus the teacher-forced Markov bias; equal to base_logits without a Markov
+        head, None when the head needs `prev_token_ids` and none were given.
+    confidence_logits: [B, L] pre-sigmoid confidence, None without the head (or without `prev_token_ids`
+        when the head reads the Markov embedding).
+    context_cache: the context cache, when one was passed.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    base_logits: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    confidence_logits: torch.Tensor | None = None
+    context_cache: DSparkContextCache | None = None
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of [B, H, T, D] states with per-position cos/sin [B, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+class DSparkAttention(Qwen3Attention):
+    """Qwen3 attention whose keys/values are the projected target context followed by the block itself.
+
+    Context and block share k_proj/v_proj/k_norm; rotary positions continue the target's. Attention inside
+    a block is bidirectional, so the module is not causal; packed training passes an explicit mask.
+    """
+
+    def __init__(self, config: DSparkConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.is_causal = False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: DSparkContextCache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        bsz, q_len = hidden_states.shape[:2]
+        ctx_len = context.shape[1]
+        query = self.q_norm(self.q_proj(hidden_states).view(bsz, q_len, -1, self.head_dim)).transpose(1, 2)
+        kv_input = torch.cat([context, hidden_states], dim=1)
+        key = self.k_norm(self.k_proj(kv_input).view(bsz, ctx_len + q_len, -1, self.head_dim)).transpose(1, 2)
+        value = self.v_proj(kv_input).view(bsz, ctx_len + q_len, -1, self.head_dim).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        key = rotate(key, cos, sin)
+        query = rotate(query, cos[:, -q_len:], sin[:, -q_len:])
+        if cache is not None:
+            ctx_key, ctx_value = cache.extend(self.layer_idx, key[:, :, :ctx_len], value[:, :, :ctx_len])
+            key = torch.cat([ctx_key, key[:, :, ctx_len:]], dim=-2)
+            value = torch.cat([ctx_value, value[:, :, ctx_len:]], dim=-2)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            is_causal=False,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(bsz, q_len, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class DSparkDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: DSparkConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = DSparkAttention(config, layer_idx)
+        self.mlp = Qwen3MLP(config)
+        self.input_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: DSparkContextCache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states, context, position_embeddings, attention_mask, cache, **kwargs
+        )
+        hidden_states = residual + hidden_states
+        residual = hidden_states
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
+
+
+class DSparkPreTrainedModel(PreTrainedModel):
+    config_class = DSparkConfig
+    config: DSparkConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DSparkDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+
+
+class DSparkForCausalLM(DSparkPreTrainedModel):
+    """The DSpark drafter.
+
+    Parameter names equal DeepSpec's, so DeepSpec checkpoints load unchanged and export back by a pure config
+    translation. `embed_tokens` and `lm_head` are copies of the target's and stay frozen.
+    """
+
+    def __init__(self, config: DSparkConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([DSparkDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen3RotaryEmbedding(config)
+        self.fc = nn.Linear(config.num_features * config.hidden_size, config.hidden_size, bias=False)
+        self.hidden_norm = Qwen3RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.markov_head = build_markov_head(config)
+        self.confidence_head = None
+        if config.enable_confidence_head:
+            extra = config.markov_rank if config.confidence_head_with_markov else 0
+            self.confidence_head = ConfidenceHead(config.hidden_size + extra)
+        self.post_init()
+        self.embed_tokens.requires_grad_(False)
+        self.lm_head.requires_grad_(False)
+
+    @classmethod
+    def from_target(cls, target_model: PreTrainedModel, **config_overrides) -> DSparkForCausalLM:
+        """A freshly initialised drafter for `target_model`, sharing copies of its embedding and LM head."""
+        config = DSparkConfig.from_target_config(target_model.config, **config_overrides)
+        drafter = cls(config).to(target_model.dtype)
+        with torch.no_grad():
+            drafter.embed_tokens.weight.copy_(target_model.get_input_embeddings().weight)
+            drafter.lm_head.weight.copy_(target_model.get_output_embeddings().weight)
+        return drafter
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load a native or DeepSpec checkpoint; safetensors only (pickled weights are refused)."""
+        path = str(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            files = set(os.listdir(path))
+            if not any(f.endswith(".safetensors") for f in files) and any(f.endswith(".bin") for f in files):
+                raise ValueError(
+                    f"{path} holds only pickled weights ({sorted(f for f in files if f.endswith('.bin'))}); "
+                    "dspark_hf loads safetensors checkpoints only. Convert them with safetensors first."
+                )
+        kwargs["use_safetensors"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def project_context(self, target_hidden_states: torch.Tensor) -> torch.Tensor:
+        """Raw concatenated target features [..., m*d] -> context vectors H_ctx [..., d]."""
+        return self.hidden_norm(self.fc(target_hidden_states))
+
+    def confidence(
+        self, hidden_states: torch.Tensor, prev_token_ids: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Confidence logits for hidden states [..., d] whose previous tokens are `prev_token_ids` [...]."""
+        if self.confidence_head is None:
+            return None
+        if not self.config.confidence_head_with_markov:
+            return self.confidence_head(hidden_states).float()
+        if prev_token_ids is None:
+            return None
+        prev = self.markov_head.prev_embeddings(prev_token_ids).to(hidden_states.dtype)
+        return self.confidence_head(torch.cat([hidden_states, prev], dim=-1)).float()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        target_hidden_states: torch.Tensor,
+        position_ids: torch.LongTensor,
+        prev_token_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        context_cache: DSparkContextCache | None = None,
+        **kwargs,
+    ) -> DSparkOutput:
+        r"""
+        input_ids: [B, L] the block(s): each block is its anchor followed by `mask_token_id`s.
+        target_hidden_states: [B, C, m*d] concatenated raw target features of C context positions (before `fc`);
+            with a cache, only the positions not cached yet.
+        position_ids: [B, C+L] positions of the context followed by the block.
+        prev_token_ids: [B, L] token before each slot (the anchor for slot 0), teacher-forcing the Markov and
+            confidence heads.
+        attention_mask: optional boolean [B, 1, L, cached+C+L] (True = attend) for packed multi-block training;
+            None lets every block position see the whole context and block.
+        """
+        hidden_states = self.embed_tokens(input_ids)
+        context = self.project_context(target_hidden_states.to(hidden_states.dtype))
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            mask = torch.zeros(attention_mask.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+            attention_mask = mask.masked_fill(~attention_mask, torch.finfo(hidden_states.dtype).min)
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states, context, position_embeddings, attention_mask, context_cache, **kwargs
+            )
+        hidden_states = self.norm(hidden_states)
+
+        base_logits = self.lm_head(hidden_states)
+        logits = base_logits
+        if self.markov_head is not None:
+            logits = (
+                None
+                if prev_token_ids is None
+                else base_logits + self.markov_head(prev_token_ids, hidden_states)
+            )
+        return DSparkOutput(
+            last_hidden_state=hidden_states,
+            base_logits=base_logits,
+            logits=logits,
+            confidence_logits=self.confidence(hidden_states, prev_token_ids),
+            context_cache=context_cache,
+        )
+
+
+__all__ = ["DSparkForCausalLM", "DSparkPreTrainedModel", "DSparkOutput", "DSparkContextCache"]
