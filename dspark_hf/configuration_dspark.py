@@ -250,7 +250,7 @@ def deepspec_to_native_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
     if DEEPSPEC_ARCHITECTURE not in architectures:
         raise ValueError(
             f"Not a DSpark checkpoint: model_type={config_dict.get('model_type')!r}, "
-            f"architectures={architectures}. Expected model_type 'dspark' or a DeepSpec {DEEPSPEC_ARCHITECTURE}."
+            f"architectures={architectures}; expected model_type 'dspark' or {DEEPSPEC_ARCHITECTURE}."
         )
     native = {k: v for k, v in config_dict.items() if k not in _DEEPSPEC_ONLY_FIELDS}
     native["model_type"] = DSparkConfig.model_type

@@ -16,7 +16,7 @@ from .modeling_dspark import DSparkForCausalLM
 
 
 def export_deepspec(drafter: DSparkForCausalLM, out_dir: str | Path, num_anchors: int | None = None) -> Path:
-    """Write `drafter` in DeepSpec's layout (config.json + model.safetensors), the one vLLM and SGLang serve."""
+    """Write `drafter` in DeepSpec's layout (config.json + model.safetensors), served by vLLM and SGLang."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = drafter.config.to_deepspec_dict(num_anchors=num_anchors)

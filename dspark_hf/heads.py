@@ -56,7 +56,7 @@ class VanillaMarkovHead(nn.Module):
 
 
 class GatedMarkovHead(VanillaMarkovHead):
-    """The previous token's embedding is scaled by a gate sigma(W_g [h_k ; W1[x_{k-1}]]) that sees the context."""
+    """The previous token's embedding is scaled by a context-aware gate sigma(W_g [h_k ; W1[x_{k-1}]])."""
 
     def __init__(self, vocab_size: int, markov_rank: int, hidden_size: int):
         super().__init__(vocab_size, markov_rank, hidden_size)
@@ -107,7 +107,7 @@ def build_markov_head(config) -> VanillaMarkovHead | None:
 
 
 class ConfidenceHead(nn.Module):
-    """Predicts, as a logit, the probability that a draft position survives verification given its prefix did."""
+    """Logit of the probability that a draft position survives verification, given its prefix did."""
 
     def __init__(self, input_dim: int):
         super().__init__()

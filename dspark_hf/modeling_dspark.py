@@ -258,13 +258,13 @@ class DSparkForCausalLM(DSparkPreTrainedModel):
     ) -> DSparkOutput:
         r"""
         input_ids: [B, L] the block(s): each block is its anchor followed by `mask_token_id`s.
-        target_hidden_states: [B, C, m*d] concatenated raw target features of C context positions (before `fc`);
-            with a cache, only the positions not cached yet.
+        target_hidden_states: [B, C, m*d] concatenated raw target features of C context positions (before
+            `fc`); with a cache, only the positions not cached yet.
         position_ids: [B, C+L] positions of the context followed by the block.
         prev_token_ids: [B, L] token before each slot (the anchor for slot 0), teacher-forcing the Markov and
             confidence heads.
-        attention_mask: optional boolean [B, 1, L, cached+C+L] (True = attend) for packed multi-block training;
-            None lets every block position see the whole context and block.
+        attention_mask: optional boolean [B, 1, L, cached+C+L] (True = attend) for packed multi-block
+            training; None lets every block position see the whole context and block.
         """
         hidden_states = self.embed_tokens(input_ids)
         context = self.project_context(target_hidden_states.to(hidden_states.dtype))
