@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_dspark import DSparkConfig
 from .convert import export_deepspec
+from .loss import DSparkLossOutput, dspark_loss
 from .modeling_dspark import DSparkForCausalLM, DSparkOutput
 
 AutoConfig.register(DSparkConfig.model_type, DSparkConfig, exist_ok=True)
@@ -16,4 +17,11 @@ AutoModelForCausalLM.register(DSparkConfig, DSparkForCausalLM, exist_ok=True)
 
 __version__ = "0.1.0"
 
-__all__ = ["DSparkConfig", "DSparkForCausalLM", "DSparkOutput", "export_deepspec"]
+__all__ = [
+    "DSparkConfig",
+    "DSparkForCausalLM",
+    "DSparkLossOutput",
+    "DSparkOutput",
+    "dspark_loss",
+    "export_deepspec",
+]
