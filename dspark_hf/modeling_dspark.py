@@ -22,6 +22,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_dspark import DSparkConfig
 from .heads import ConfidenceHead, build_markov_head
+from .hub import DSparkHubMixin
 
 
 class DSparkContextCache:
@@ -174,7 +175,7 @@ class DSparkPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
 
-class DSparkForCausalLM(DSparkPreTrainedModel):
+class DSparkForCausalLM(DSparkHubMixin, DSparkPreTrainedModel):
     """The DSpark drafter.
 
     Parameter names equal DeepSpec's, so DeepSpec checkpoints load unchanged and export back by a pure config
