@@ -328,8 +328,9 @@ class CausalPrefixScheduler:
         scheduler = CausalPrefixScheduler(seconds_per_step=profile)  # once
         scheduler.reset()  # every round
         for k in range(block_size):
-            ...  # draft x_k and its confidence c_k
-            if c_k < threshold or not scheduler.admit_confidence(c_k):
+            ...  # draft x_{k+1} and its confidence logit z of shape [1, 1]
+            c = apply_temperatures(z, config.confidence_temperatures, start=k).sigmoid().item()
+            if c < threshold or not scheduler.admit_confidence(c):
                 break
 
     Attributes:
@@ -393,24 +394,27 @@ class CalibrationRound(NamedTuple):
 
 
 def apply_temperatures(
-    confidence_logits: torch.Tensor, temperatures: Sequence[float] | torch.Tensor | None
+    confidence_logits: torch.Tensor,
+    temperatures: Sequence[float] | torch.Tensor | None,
+    *,
+    start: int = 0,
 ) -> torch.Tensor:
-    """Divide confidence logits [..., K] (last dim = block positions 1..K) by the first K temperatures.
+    """Divide confidence logits [..., K] of block positions start+1..start+K by their STS temperatures.
 
-    `temperatures=None` (no calibration fitted) returns the logits unchanged. During drafting, pass the logits
-    of a single position with the matching slice of the temperatures.
+    `temperatures=None` (no calibration fitted) returns the logits unchanged. The drafter, which computes
+    one position at a time, passes the [..., 1] logits of block position k + 1 with `start=k`.
     """
     if temperatures is None:
         return confidence_logits
     temperatures = torch.as_tensor(
         temperatures, dtype=confidence_logits.dtype, device=confidence_logits.device
     )
-    num_positions = confidence_logits.shape[-1]
-    if temperatures.ndim != 1 or temperatures.numel() < num_positions:
-        raise ValueError(f"Need at least {num_positions} temperatures, got {temperatures.tolist()}.")
+    end = start + confidence_logits.shape[-1]
+    if temperatures.ndim != 1 or start < 0 or temperatures.numel() < end:
+        raise ValueError(f"Need temperatures for positions {start + 1}..{end}, got {temperatures.tolist()}.")
     if not bool((temperatures > 0).all()):
         raise ValueError(f"Temperatures must be positive, got {temperatures.tolist()}.")
-    return confidence_logits / temperatures[:num_positions]
+    return confidence_logits / temperatures[start:end]
 
 
 def survival_probabilities(
@@ -482,7 +486,7 @@ def calibrate_sts(
 
     temperatures = [1.0] * num_positions
     log_prefix = torch.zeros(logits.shape[0], dtype=torch.float64)  # log a_{k-1} with the fitted temperatures
-    for k in tqdm(range(min(num_positions, logits.shape[1])), desc="fitting STS temperatures", leave=False):
+    for k in range(min(num_positions, logits.shape[1])):
         rows = mask[:, k]
         if rows.any():
             probs = torch.exp(log_prefix[rows] + F.logsigmoid(logits[rows, k] / candidates[:, None]))

@@ -318,8 +318,12 @@ def test_apply_temperatures_and_survival_probabilities():
     assert torch.allclose(apply_temperatures(logits, [2.0, 0.5, 1.0, 9.0]), torch.tensor([[1.0, -2.0, 0.5]]))
     expected = torch.cumprod(torch.sigmoid(torch.tensor([[1.0, -2.0, 0.5]])), dim=-1)
     assert torch.allclose(survival_probabilities(logits, [2.0, 0.5, 1.0]), expected)
-    with pytest.raises(ValueError, match="at least 3"):
+    one_position = apply_temperatures(logits[:, 1:2], [2.0, 0.5, 1.0], start=1)
+    assert torch.allclose(one_position, torch.tensor([[-2.0]]))
+    with pytest.raises(ValueError, match="positions 1..3"):
         apply_temperatures(logits, [1.0, 1.0])
+    with pytest.raises(ValueError, match="positive"):
+        apply_temperatures(logits, [1.0, -1.0, 1.0])
 
 
 # ---------------------------------------------------------------------------------------------------------
