@@ -10,7 +10,6 @@ losing them.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import tempfile
@@ -21,8 +20,6 @@ from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData
 
 if TYPE_CHECKING:
     from .modeling_dspark import DSparkForCausalLM
-
-logger = logging.getLogger(__name__)
 
 MODEL_CARD_TEMPLATE = Path(__file__).parent / "hub_templates" / "model_card.md"
 CARD_METADATA_KEY = "dspark"
@@ -182,7 +179,7 @@ def render_model_card(
     base_model = _hub_id(config.target_model_name_or_path)
     repo_id = repo_id or model.name_or_path or "<drafter repo id>"
     datasets = (training_info or {}).get("dataset")
-    datasets = [d for d in (datasets if isinstance(datasets, list) else [datasets]) if _hub_id(d)]
+    datasets = [d for d in (datasets if isinstance(datasets, (list, tuple)) else [datasets]) if _hub_id(d)]
     recorded = {k: v for k, v in (("training", training_info), ("results", results)) if v}
     card_data = ModelCardData(
         library_name="dspark_hf",
@@ -220,7 +217,8 @@ def write_model_card(
     results: dict | None = None,
     *,
     repo_id: str | None = None,
-    **card_kwargs: Any,
+    license: str | None = None,
+    tags: list[str] | None = None,
 ) -> Path:
     """Render the card and write it to `output_dir/README.md`.
 
@@ -229,7 +227,9 @@ def write_model_card(
     """
     path = Path(output_dir) / "README.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    card = render_model_card(model, training_info, results, repo_id=repo_id or str(output_dir), **card_kwargs)
+    card = render_model_card(
+        model, training_info, results, repo_id=repo_id or str(output_dir), license=license, tags=tags
+    )
     path.write_text(card, encoding="utf-8")
     return path
 
