@@ -119,6 +119,12 @@ def _training_context(training_info: dict | None) -> dict[str, Any]:
     }
 
 
+def _check_card_inputs(training_info: dict | None, results: dict | None) -> None:
+    """Raise the card's ValueErrors before anything is sent to the Hub."""
+    _results_context(_plain(results))
+    _training_context(_plain(training_info))
+
+
 def _config_rows(model: DSparkForCausalLM) -> list[tuple[str, str]]:
     config = model.config
     copied = {
@@ -284,6 +290,7 @@ class DSparkHubMixin:
             return
         repo_id, api = hub.get("repo_id"), None
         if push_to_hub:
+            _check_card_inputs(training_info, results)
             api = HfApi(token=kwargs.get("token"))
             repo_id = _create_repo(
                 api, repo_id or Path(save_directory).resolve().name, hub.get("private"), None
@@ -319,6 +326,7 @@ class DSparkHubMixin:
         Arguments are those of transformers' `push_to_hub`, plus `training_info`, `results` and `license` for
         the card (see `render_model_card`).
         """
+        _check_card_inputs(training_info, results)
         api = HfApi(token=token)
         repo_id = _create_repo(api, repo_id, private, revision)
         with tempfile.TemporaryDirectory() as tmp_dir:

@@ -25,7 +25,7 @@ import torch
 import yaml
 from huggingface_hub import snapshot_download
 from huggingface_hub.utils import _http
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
@@ -325,7 +325,7 @@ def test_push_to_hub_publishes_card_and_weights_that_reload_identically(hub, dra
     save_file(inputs, tmp_path / "inputs.safetensors")
     script = textwrap.dedent(f"""
         import dspark_hf, torch
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load, load_file, save_file
         from transformers import AutoModel
         model = AutoModel.from_pretrained({DRAFTER_ID!r}).eval()
         assert type(model).__name__ == "DSparkForCausalLM"
@@ -351,8 +351,12 @@ def test_cli_push_keeps_recorded_training_info_and_uploads_no_pickles(hub, draft
     torch.save({"lr": 6e-4}, folder / "training_args.bin")
     (folder / "optimizer.pt").write_bytes(b"not for the Hub")
     results_file = tmp_path / "results.json"
-    results_file.write_text(json.dumps(RESULTS))
+    results_file.write_text(json.dumps({"gsm8k": {"speedup": 1.3}}))
+    with pytest.raises(SystemExit, match="dspark push: .*must hold a 'tau' value"):
+        main(["push", str(folder), "test-org/cli-push", "--results", str(results_file)])
+    assert hub.repos == {}, "invalid results must be refused before anything reaches the Hub"
 
+    results_file.write_text(json.dumps(RESULTS))
     main(["push", str(folder), "test-org/cli-push", "--private", "--results", str(results_file)])
     assert "Published" in capsys.readouterr().out
     assert hub.repos["test-org/cli-push"]["visibility"] == "private"
@@ -362,7 +366,19 @@ def test_cli_push_keeps_recorded_training_info_and_uploads_no_pickles(hub, draft
     published = load_file(
         Path(snapshot_download("test-org/cli-push", cache_dir=tmp_path / "c")) / "model.safetensors"
     )
+    assert published.keys() == drafter.state_dict().keys()
     assert all(torch.equal(published[k], v) for k, v in drafter.state_dict().items())
+
+
+def test_cli_push_of_a_deepspec_folder_publishes_the_native_layout(hub, capsys):
+    fixture = Path(__file__).parent / "fixtures" / "deepspec_vanilla_conf"
+    main(["push", str(fixture), "test-org/from-deepspec"])
+    files = hub.repos["test-org/from-deepspec"]["files"]
+    assert json.loads(files["config.json"])["model_type"] == "dspark"
+    fixture_weights = load_file(fixture / "model.safetensors")
+    published = load(files["model.safetensors"])
+    assert published.keys() == fixture_weights.keys()
+    assert all(torch.equal(published[k], v) for k, v in fixture_weights.items())
 
 
 def test_save_pretrained_with_push_to_hub_uploads_our_card(hub, drafter, tmp_path):
