@@ -213,7 +213,9 @@ class DSparkConfig(PreTrainedConfig):
     def to_deepspec_dict(self, num_anchors: int | None = None) -> dict[str, Any]:
         """The config.json of DeepSpec's layout, which vLLM (`method: dspark`) and SGLang (`DSPARK`) serve."""
         native = self.to_dict()
-        out = {k: v for k, v in native.items() if k not in _NATIVE_ONLY_FIELDS}
+        # Only DSpark's own fields (not the generic PreTrainedConfig ones such as id2label) go into the export.
+        fields = [k for k in DSparkConfig.__annotations__ if k not in _NATIVE_ONLY_FIELDS]
+        out = {k: native[k] for k in [*fields, "dtype", "transformers_version"] if k in native}
         out.update(
             model_type="qwen3",
             architectures=[DEEPSPEC_ARCHITECTURE],
