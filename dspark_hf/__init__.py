@@ -10,6 +10,8 @@ from .configuration_dspark import DSparkConfig
 from .convert import export_deepspec
 from .loss import DSparkLossOutput, dspark_loss
 from .modeling_dspark import DSparkForCausalLM, DSparkOutput
+from .trainer import DSparkTrainer
+from .training_args import DSparkTrainingArguments
 
 AutoConfig.register(DSparkConfig.model_type, DSparkConfig, exist_ok=True)
 AutoModel.register(DSparkConfig, DSparkForCausalLM, exist_ok=True)
@@ -22,6 +24,8 @@ __all__ = [
     "DSparkForCausalLM",
     "DSparkLossOutput",
     "DSparkOutput",
+    "DSparkTrainer",
+    "DSparkTrainingArguments",
     "dspark_loss",
     "export_deepspec",
 ]

@@ -1,0 +1,109 @@
+"""Training arguments of the [`DSparkTrainer`]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class DSparkTrainingArguments(TrainingArguments):
+    r"""
+    Configuration of the [`DSparkTrainer`]: [`~transformers.TrainingArguments`] plus the DSpark loss and
+    anchor sampling, with defaults from the paper's recipe (DeepSpec). Named apart from the model's
+    `DSparkConfig`.
+
+    Using [`~transformers.HfArgumentParser`] this class turns into command-line arguments.
+
+    Parameters:
+        > Parameters that control the DSpark loss
+
+        ce_weight (`float`, *optional*, defaults to `0.1`):
+            Weight of the cross-entropy to the ground-truth next tokens.
+        l1_weight (`float`, *optional*, defaults to `0.9`):
+            Weight of the L1 distance between the draft and target distributions (twice the total variation,
+            i.e. what speculative sampling rejects).
+        confidence_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the confidence head's BCE against the analytic acceptance `1 - 0.5 * L1`. Ignored for
+            drafters without a confidence head.
+        decay_gamma (`float`, *optional*, defaults to `4.0`):
+            Block position k (0-based) is weighted by `exp(-k / decay_gamma)`: a rejection ends the block, so
+            early positions matter most.
+
+        > Parameters that control the drafted blocks
+
+        num_anchors (`int`, *optional*, defaults to `512`):
+            Maximum number of block anchors sampled (without replacement) per sequence, among the positions of
+            the loss-masked response whose next token is also in the response. All blocks of a sequence are
+            drafted in one packed forward.
+
+        > Parameters whose defaults differ from [`~transformers.TrainingArguments`] (the DSpark recipe)
+
+        learning_rate (`float`, *optional*, defaults to `6e-4`):
+            Peak AdamW learning rate.
+        lr_scheduler_type (`str`, *optional*, defaults to `"cosine"`):
+            Learning-rate schedule after warmup.
+        warmup_steps (`int` or `float`, *optional*, defaults to `0.04`):
+            Linear warmup: a float in [0, 1) is a fraction of the total steps (4 %).
+        max_grad_norm (`float`, *optional*, defaults to `1.0`):
+            Gradient-norm clipping.
+        logging_steps (`int` or `float`, *optional*, defaults to `10`):
+            Steps between two logs of the loss terms, the per-position acceptance and the expected tau.
+        remove_unused_columns (`bool`, *optional*, defaults to `False`):
+            Must stay `False`: the drafter's forward does not name `loss_mask`, so transformers would drop it.
+
+    Mixed precision (`bf16=True`, as in the paper's recipe on GPUs), activation checkpointing of the draft
+    layers (`activation_checkpointing=True`), `report_to` and resuming
+    (`trainer.train(resume_from_checkpoint=...)`) come from [`~transformers.TrainingArguments`].
+    """
+
+    ce_weight: float = field(default=0.1, metadata={"help": "Weight of the cross-entropy term."})
+    l1_weight: float = field(
+        default=0.9, metadata={"help": "Weight of the L1 distance between draft and target distributions."}
+    )
+    confidence_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the confidence-head BCE term."}
+    )
+    decay_gamma: float = field(
+        default=4.0, metadata={"help": "Block position k (0-based) is weighted by exp(-k / decay_gamma)."}
+    )
+    num_anchors: int = field(
+        default=512, metadata={"help": "Maximum number of block anchors sampled per sequence."}
+    )
+
+    learning_rate: float = field(default=6e-4, metadata={"help": "Peak AdamW learning rate."})
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "Learning-rate schedule after warmup."}
+    )
+    warmup_steps: float = field(
+        default=0.04,
+        metadata={"help": "Warmup steps; a float in [0, 1) is a fraction of the total steps."},
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clipping (0 disables it)."})
+    logging_steps: float = field(default=10, metadata={"help": "Steps between two logs."})
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Must stay False: `loss_mask` is not an argument of the drafter's forward."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.num_anchors < 1:
+            raise ValueError(f"num_anchors must be >= 1, got {self.num_anchors}.")
+        if not self.decay_gamma > 0:
+            raise ValueError(f"decay_gamma must be > 0, got {self.decay_gamma}.")
+        weights = ("ce_weight", "l1_weight", "confidence_weight")
+        negative = [name for name in weights if getattr(self, name) < 0]
+        if negative:
+            raise ValueError(f"Loss weights must be >= 0; negative: {negative}.")
+        if self.ce_weight == 0 and self.l1_weight == 0:
+            raise ValueError("ce_weight and l1_weight are both 0: the draft distribution would not learn.")
+        if self.remove_unused_columns:
+            raise ValueError(
+                "remove_unused_columns=True would drop the `loss_mask` column the DSparkTrainer needs; "
+                "leave it False (columns other than `input_ids` and `loss_mask` are ignored anyway)."
+            )
+
+
+__all__ = ["DSparkTrainingArguments"]

@@ -1,0 +1,492 @@
+"""DSparkTrainer on a tiny random target (CPU). Run as a script, this file is the DDP worker of
+`test_ddp_matches_single_process` (launched with torchrun)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+from dspark_hf import DSparkForCausalLM
+from dspark_hf.trainer import (
+    DSparkDataCollator,
+    DSparkTrainer,
+    anchor_seeds,
+    build_blocks,
+    sample_anchors,
+)
+from dspark_hf.training_args import DSparkTrainingArguments
+
+VOCAB, PROMPT, RESPONSE, BLOCK = 48, 4, 20, 4
+
+
+def make_target(seed=0, vocab_size=VOCAB, hidden_size=32):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    target = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # peaked next-token distributions, like a trained LM's
+        target.lm_head.weight.mul_(100)
+    return target
+
+
+def make_drafter(target, seed=1):
+    torch.manual_seed(seed)
+    return DSparkForCausalLM.from_target(
+        target, num_hidden_layers=1, markov_rank=8, block_size=BLOCK, target_layer_ids=[0, 2]
+    )
+
+
+@torch.no_grad()
+def make_rows(target, num_rows, seed=2):
+    """The target's own greedy answers to random prompts, the loss mask on the answer."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (num_rows, PROMPT), generator=generator)
+    for _ in range(RESPONSE):
+        ids = torch.cat([ids, target(ids).logits[:, -1:].argmax(-1)], dim=1)
+    mask = [0] * PROMPT + [1] * RESPONSE
+    # Uneven lengths exercise padding.
+    return [
+        {"input_ids": row[: len(row) - i % 3], "loss_mask": mask[: len(row) - i % 3]}
+        for i, row in enumerate(ids.tolist())
+    ]
+
+
+def make_args(output_dir, **overrides):
+    defaults = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 4,
+        "max_steps": 3,
+        "learning_rate": 1e-2,
+        "warmup_steps": 0,
+        "logging_steps": 1,
+        "num_anchors": 8,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    defaults.update(overrides)
+    return DSparkTrainingArguments(**defaults)
+
+
+def train_losses(trainer):
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+# ---- blocks ------------------------------------------------------------------------------------------------
+
+
+def test_anchor_sampling_follows_deepspec_rules():
+    loss_mask = torch.tensor([[0, 0, 1, 1, 1, 0, 1, 1, 1, 1], [0, 1, 0, 1, 0, 1, 1, 0, 0, 0]]).bool()
+    anchors, keep = sample_anchors(loss_mask, num_anchors=3, seeds=[0, 1])
+    assert anchors.shape == keep.shape == (2, 3)
+    # Row 0 has candidates {2, 3, 6, 7, 8}: 3 distinct sorted ones are drawn. Row 1 has only {5}.
+    assert keep[0].all() and anchors[0].tolist() == sorted(set(anchors[0].tolist()))
+    assert set(anchors[0].tolist()) <= {2, 3, 6, 7, 8}
+    assert keep[1].tolist() == [True, False, False] and anchors[1].tolist() == [5, 0, 0]
+    # All candidates are taken when there are fewer than num_anchors; seeds make draws reproducible.
+    assert sample_anchors(loss_mask, 99, [0, 1])[0][0].tolist() == [2, 3, 6, 7, 8]
+    assert torch.equal(sample_anchors(loss_mask, 3, [0, 1])[0], anchors)
+    draws = {tuple(sample_anchors(loss_mask, 3, [s, 1])[0][0].tolist()) for s in range(20)}
+    assert len(draws) > 3
+
+
+def test_anchor_seeds_ignore_padding_and_position_in_batch():
+    ids = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    seeds = anchor_seeds(ids, mask, seed=0, step=3)
+    assert anchor_seeds(ids[:1, :3], mask[:1, :3], seed=0, step=3) == seeds[:1]
+    assert anchor_seeds(ids.flip(0), mask.flip(0), seed=0, step=3) == seeds[::-1]
+    assert anchor_seeds(ids, mask, seed=0, step=4) != seeds
+
+
+def test_build_blocks_layout():
+    input_ids = torch.arange(100, 110)[None]
+    loss_mask = torch.tensor([[0, 0, 1, 1, 1, 0, 1, 1, 1, 1]]).bool()
+    anchors, keep = torch.tensor([[3, 6, 0]]), torch.tensor([[True, True, False]])
+    blocks = build_blocks(input_ids, loss_mask, anchors, keep, block_size=3, mask_token_id=1)
+    assert blocks.input_ids.tolist() == [[103, 1, 1, 106, 1, 1, 1, 1, 1]]
+    assert blocks.position_ids[0, 10:].tolist() == [3, 4, 5, 6, 7, 8, 0, 1, 2]
+    assert blocks.position_ids[0, :10].tolist() == list(range(10))
+    assert blocks.labels[0, :2].tolist() == [[104, 105, 106], [107, 108, 109]]
+    # Anchor 3: label 105 (pos 5) is outside the response and cuts the block; padding anchors learn nothing.
+    assert blocks.label_mask[0].tolist() == [[True, False, False], [True, True, True], [False, False, False]]
+    assert blocks.prev_token_ids[0, :6].tolist() == [103, 104, 105, 106, 107, 108]
+    mask = blocks.attention_mask[0, 0]
+    assert mask.shape == (9, 19)
+    for query, (anchor, block) in enumerate([(3, 0)] * 3 + [(6, 1)] * 3 + [(0, 2)] * 3):
+        expected = [k < anchor for k in range(10)] + [k // 3 == block for k in range(9)]
+        assert mask[query].tolist() == expected
+
+
+def test_packed_forward_equals_blocks_drafted_one_by_one():
+    target = make_target()
+    drafter = make_drafter(target).eval()
+    rows = make_rows(target, 2)
+    batch = DSparkDataCollator(pad_token_id=0)(rows)
+    anchors, keep = sample_anchors(batch["loss_mask"], 5, seeds=[3, 4])
+    blocks = build_blocks(
+        batch["input_ids"], batch["loss_mask"], anchors, keep, BLOCK, drafter.config.mask_token_id
+    )
+    with torch.no_grad():
+        hidden = target(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        features = torch.cat([hidden.hidden_states[i + 1] for i in drafter.config.target_layer_ids], dim=-1)
+        packed = drafter(
+            blocks.input_ids, features, blocks.position_ids, blocks.prev_token_ids, blocks.attention_mask
+        )
+        assert torch.isfinite(packed.logits).all()
+        for row in range(2):
+            for j, anchor in enumerate(anchors[row].tolist()):
+                if not keep[row, j]:
+                    continue
+                span = slice(j * BLOCK, (j + 1) * BLOCK)
+                single = drafter(
+                    blocks.input_ids[row : row + 1, span],
+                    features[row : row + 1, :anchor],
+                    torch.arange(anchor + BLOCK)[None],
+                    blocks.prev_token_ids[row : row + 1, span],
+                )
+                torch.testing.assert_close(packed.logits[row, span], single.logits[0], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(packed.confidence_logits[row, span], single.confidence_logits[0])
+
+
+def test_collator_pads_right_and_checks_lengths():
+    batch = DSparkDataCollator(pad_token_id=7, pad_to_multiple_of=4)(
+        [
+            {"input_ids": [1, 2, 3], "loss_mask": [0, 1, 1], "text": "ignored"},
+            {"input_ids": [4], "loss_mask": [1]},
+        ]
+    )
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 7], [4, 7, 7, 7]]
+    assert batch["loss_mask"].tolist() == [[False, True, True, False], [True, False, False, False]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    with pytest.raises(ValueError, match="loss_mask"):
+        DSparkDataCollator(pad_token_id=0)([{"input_ids": [1, 2], "loss_mask": [1]}])
+
+
+# ---- training ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def overfit(tmp_path_factory):
+    """40 steps on 4 sequences, logging every step; parameters before and after."""
+    target = make_target()
+    drafter = make_drafter(target)
+    dataset = Dataset.from_list(make_rows(target, 4))
+    before = {"target": snapshot(target), "drafter": snapshot(drafter)}
+    trainer = DSparkTrainer(
+        model=drafter,
+        target_model=target,
+        args=make_args(tmp_path_factory.mktemp("overfit"), max_steps=40),
+        train_dataset=dataset,
+        eval_dataset=dataset,
+    )
+    trainer.train()
+    return trainer, target, before
+
+
+def test_loss_falls(overfit):
+    trainer, _, _ = overfit
+    losses = train_losses(trainer)
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+
+
+def test_only_drafter_parameters_change(overfit):
+    trainer, target, before = overfit
+    for name, p in target.named_parameters():
+        assert torch.equal(p, before["target"][name]), name
+        assert not p.requires_grad
+    drafter = trainer.model
+    changed = {name for name, p in drafter.named_parameters() if not torch.equal(p, before["drafter"][name])}
+    assert not any(name.startswith(("embed_tokens", "lm_head")) for name in changed)
+    trainable = {name for name, p in drafter.named_parameters() if p.requires_grad}
+    assert changed == trainable
+    assert {"fc.weight", "markov_head.markov_w1.weight", "confidence_head.proj.weight"} <= changed
+
+
+def test_overfitting_raises_expected_tau(overfit):
+    trainer, _, _ = overfit
+    taus = [entry["expected_tau"] for entry in trainer.state.log_history if "expected_tau" in entry]
+    acceptance = [entry["acceptance_1"] for entry in trainer.state.log_history if "acceptance_1" in entry]
+    assert 1.0 <= taus[0] <= 1 + BLOCK
+    assert sum(taus[-5:]) / 5 > sum(taus[:5]) / 5 + 0.5
+    assert acceptance[-1] > acceptance[0]
+
+
+def test_evaluate_reports_metrics_and_is_repeatable(overfit):
+    trainer, _, _ = overfit
+    first, second = trainer.evaluate(), trainer.evaluate()
+    for key in ("eval_loss", "eval_ce_loss", "eval_l1_loss", "eval_confidence_loss", "eval_expected_tau"):
+        assert key in first
+    assert [f"eval_acceptance_{k}" in first for k in range(1, BLOCK + 1)] == [True] * BLOCK
+    assert (
+        first["eval_loss"] == second["eval_loss"]
+        and first["eval_expected_tau"] == second["eval_expected_tau"]
+    )
+    # The last training step's logged loss is close to the loss of the final model on the same data.
+    assert first["eval_loss"] == pytest.approx(train_losses(trainer)[-1], rel=0.3)
+
+
+def test_save_writes_drafter_and_card(overfit, tmp_path):
+    from dspark_hf.hub import read_card_metadata
+
+    trainer, _, _ = overfit
+    trainer.save_model(str(tmp_path))
+    reloaded = DSparkForCausalLM.from_pretrained(tmp_path)
+    for name, p in trainer.model.named_parameters():
+        assert torch.equal(p, reloaded.get_parameter(name)), name
+    training = read_card_metadata(tmp_path)["training_info"]
+    assert training["steps"] == 40 and training["num_anchors"] == 8
+    assert "expected_tau" in training["final_metrics"]
+    assert set(trainer.model.model_tags) >= {"dspark", "speculative-decoding"}
+
+
+def test_gradient_accumulation_and_checkpointing_match_one_large_batch(tmp_path):
+    """Batch 4 == batch 2 x 2 accumulation steps == with activation checkpointing: same losses, weights."""
+    target = make_target()
+    dataset = Dataset.from_list(make_rows(target, 4))
+    runs = []
+    for name, overrides in {
+        "big": {},
+        "accumulated": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2},
+        "checkpointed": {"activation_checkpointing": True},
+    }.items():
+        trainer = DSparkTrainer(
+            model=make_drafter(target),
+            target_model=target,
+            args=make_args(tmp_path / name, **overrides),
+            train_dataset=dataset,
+        )
+        trainer.train()
+        runs.append((train_losses(trainer), snapshot(trainer.model)))
+    (losses, params), others = runs[0], runs[1:]
+    for other_losses, other_params in others:
+        assert other_losses == pytest.approx(losses, rel=1e-4)
+        for name in params:
+            torch.testing.assert_close(other_params[name], params[name], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
+    target = make_target()
+    dataset = Dataset.from_list(make_rows(target, 8))
+    args = {"max_steps": 6, "save_strategy": "steps", "save_steps": 3, "per_device_train_batch_size": 2}
+    full = DSparkTrainer(
+        model=make_drafter(target),
+        target_model=target,
+        args=make_args(tmp_path / "full", **args),
+        train_dataset=dataset,
+    )
+    full.train()
+    resumed = DSparkTrainer(
+        model=make_drafter(target, seed=5),
+        target_model=target,
+        args=make_args(tmp_path / "resumed", **args),
+        train_dataset=dataset,
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    # The resumed state carries the first 3 logs of the checkpoint.
+    assert train_losses(resumed) == pytest.approx(train_losses(full), rel=1e-5)
+    for name, p in full.model.named_parameters():
+        torch.testing.assert_close(resumed.model.get_parameter(name), p)
+
+
+def test_lora_trains_saves_a_small_adapter_and_merges(tmp_path):
+    from peft import LoraConfig, PeftModel
+
+    target = make_target()
+    drafter = make_drafter(target)
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type=None
+    )
+    trainer = DSparkTrainer(
+        model=drafter,
+        target_model=target,
+        args=make_args(tmp_path / "run", max_steps=4),
+        train_dataset=Dataset.from_list(make_rows(target, 4)),
+        peft_config=lora,
+    )
+    trainer.train()
+    adapted = trainer.model.eval()
+    trainable = {name for name, p in adapted.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)
+
+    trainer.save_model(str(tmp_path / "adapter"))
+    adapter_file = tmp_path / "adapter" / "adapter_model.safetensors"
+    full_bytes = sum(p.numel() * p.element_size() for p in adapted.parameters())
+    assert adapter_file.stat().st_size < 0.1 * full_bytes
+
+    inputs = {
+        "input_ids": torch.randint(0, VOCAB, (1, BLOCK)),
+        "target_hidden_states": torch.randn(1, 6, 2 * 32),
+        "position_ids": torch.arange(6 + BLOCK)[None],
+        "prev_token_ids": torch.randint(0, VOCAB, (1, BLOCK)),
+    }
+    base = make_drafter(target).eval()  # the same initial weights
+    with torch.no_grad():
+        expected = adapted(**inputs).logits
+        assert not torch.allclose(base(**inputs).logits, expected, atol=1e-3)
+        reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        torch.testing.assert_close(reloaded(**inputs).logits, expected)
+        merged = reloaded.merge_and_unload()
+        assert isinstance(merged, DSparkForCausalLM)
+        torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair():
+    target = make_target()
+    return target, make_drafter(target), Dataset.from_list(make_rows(target, 2))
+
+
+@pytest.mark.parametrize(
+    "other_target, message",
+    [({"vocab_size": 40}, "vocab_size"), ({"hidden_size": 16}, "hidden_size")],
+)
+def test_mismatched_target_is_refused(pair, tmp_path, other_target, message):
+    target, drafter, dataset = pair
+    with pytest.raises(ValueError, match=message):
+        DSparkTrainer(
+            model=make_drafter(make_target(**other_target)),
+            target_model=target,
+            args=make_args(tmp_path),
+            train_dataset=dataset,
+        )
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"input_ids": [1, 2, 3, 4], "loss_mask": [0, 0, 0, 0]}], "no assistant tokens"),
+        ([{"input_ids": [1, 2, 3, 4], "loss_mask": [0, 1, 0, 1]}], "no assistant tokens"),
+        ([{"input_ids": [1, 2, 3, 4]}], "loss_mask"),
+        ([], "empty"),
+    ],
+)
+def test_dataset_without_assistant_tokens_is_refused(pair, tmp_path, rows, message):
+    target, drafter, dataset = pair
+    with pytest.raises(ValueError, match=message):
+        DSparkTrainer(model=drafter, target_model=target, args=make_args(tmp_path), train_dataset=rows)
+    with pytest.raises(ValueError, match=message):
+        DSparkTrainer(
+            model=drafter,
+            target_model=target,
+            args=make_args(tmp_path),
+            train_dataset=dataset,
+            eval_dataset=rows,
+        )
+
+
+def test_bad_arguments_are_refused(pair, tmp_path):
+    from peft import LoraConfig
+
+    target, drafter, dataset = pair
+    with pytest.raises(ValueError, match="num_anchors"):
+        make_args(tmp_path, num_anchors=0)
+    with pytest.raises(ValueError, match="remove_unused_columns"):
+        make_args(tmp_path, remove_unused_columns=True)
+    with pytest.raises(TypeError, match="DSparkTrainingArguments"):
+        DSparkTrainer(model=drafter, target_model=target, args=TrainingArguments(str(tmp_path)))
+    for config, message in [
+        (LoraConfig(target_modules="all-linear"), "explicit"),
+        (LoraConfig(target_modules=["q_proj"], task_type="CAUSAL_LM"), "task_type"),
+        (LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), "frozen"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            DSparkTrainer(
+                model=make_drafter(target),
+                target_model=target,
+                args=make_args(tmp_path),
+                train_dataset=dataset,
+                peft_config=config,
+            )
+
+
+# ---- scale-out ---------------------------------------------------------------------------------------------
+
+DDP_STEPS = 3
+
+
+def run_reference(output_dir, **overrides):
+    """The run both sides of the DDP comparison make: 4 rows, so each step sees every row."""
+    target = make_target()
+    trainer = DSparkTrainer(
+        model=make_drafter(target),
+        target_model=target,
+        args=make_args(output_dir, max_steps=DDP_STEPS, **overrides),
+        train_dataset=Dataset.from_list(make_rows(target, 4)),
+    )
+    trainer.train()
+    return trainer
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_matches_single_process(tmp_path):
+    """2 CPU processes (gloo) x batch 2 give the losses and weights of 1 process x batch 4."""
+    result = tmp_path / "ddp.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        __file__,
+        str(tmp_path / "ddp"),
+        str(result),
+    ]
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    ddp = json.loads(result.read_text())
+    assert ddp["world_size"] == 2
+
+    single = run_reference(tmp_path / "single")
+    assert ddp["losses"] == pytest.approx(train_losses(single), rel=1e-4)
+    for name, p in single.model.named_parameters():
+        assert ddp["checksums"][name] == pytest.approx(p.double().sum().item(), rel=1e-4, abs=1e-5), name
+
+
+def _ddp_worker(output_dir: str, result: str) -> None:
+    trainer = run_reference(output_dir, per_device_train_batch_size=2, ddp_backend="gloo")
+    if trainer.is_world_process_zero():
+        checksums = {name: p.double().sum().item() for name, p in trainer.model.named_parameters()}
+        Path(result).write_text(
+            json.dumps(
+                {
+                    "world_size": trainer.args.world_size,
+                    "losses": train_losses(trainer),
+                    "checksums": checksums,
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    _ddp_worker(*sys.argv[1:3])
