@@ -330,6 +330,8 @@ class DSparkTrainer(Trainer):
             # The target's distribution of the token after position p+k comes from its hidden state at p+k.
             index = blocks.block_positions.flatten(1).clamp(max=last_hidden.shape[1] - 1)
             gathered = last_hidden.gather(1, index[..., None].expand(-1, -1, last_hidden.shape[-1]))
+            # Under mixed precision the final norm may return float32 next to a bfloat16 head.
+            gathered = gathered.to(self._target_lm_head.weight.dtype)
             target_logits = self._target_lm_head(gathered).view(*shape, -1)
         confidence = outputs.confidence_logits
         result = dspark_loss(
@@ -489,7 +491,7 @@ def check_target_compatibility(drafter: PreTrainedModel, target: PreTrainedModel
 def check_dataset(dataset: Any, name: str) -> None:
     """Raise a ValueError unless rows carry `input_ids` and `loss_mask` and some row has a block to learn.
 
-    Datasets without a length (streaming) are checked at their first batch instead.
+    Datasets without a length (streaming) are not scanned.
     """
     if dataset is None or not hasattr(dataset, "__len__"):
         return

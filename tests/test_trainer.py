@@ -286,6 +286,20 @@ def test_gradient_accumulation_and_checkpointing_match_one_large_batch(tmp_path)
             torch.testing.assert_close(other_params[name], params[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("target_dtype", [torch.float32, torch.bfloat16])
+def test_bf16_mixed_precision_trains(tmp_path, target_dtype):
+    target = make_target().to(target_dtype)
+    trainer = DSparkTrainer(
+        model=make_drafter(target),
+        target_model=target,
+        args=make_args(tmp_path, bf16=True, max_steps=2),
+        train_dataset=Dataset.from_list(make_rows(target, 4)),
+    )
+    trainer.train()
+    losses = train_losses(trainer)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
 def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
     target = make_target()
     dataset = Dataset.from_list(make_rows(target, 8))
