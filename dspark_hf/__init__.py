@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_dspark import DSparkConfig
 from .convert import export_deepspec
+from .generation import DSparkGenerationMixin, DSparkGenerationStats
 from .loss import DSparkLossOutput, dspark_loss
 from .modeling_dspark import DSparkForCausalLM, DSparkOutput
 from .trainer import DSparkTrainer
@@ -22,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DSparkConfig",
     "DSparkForCausalLM",
+    "DSparkGenerationMixin",
+    "DSparkGenerationStats",
     "DSparkLossOutput",
     "DSparkOutput",
     "DSparkTrainer",

@@ -21,6 +21,7 @@ from transformers.models.qwen3.modeling_qwen3 import (
 from transformers.utils import ModelOutput
 
 from .configuration_dspark import DSparkConfig
+from .generation import DSparkGenerationMixin
 from .heads import ConfidenceHead, build_markov_head
 from .hub import DSparkHubMixin
 
@@ -175,7 +176,7 @@ class DSparkPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
 
 
-class DSparkForCausalLM(DSparkHubMixin, DSparkPreTrainedModel):
+class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedModel):
     """The DSpark drafter.
 
     Parameter names equal DeepSpec's, so DeepSpec checkpoints load unchanged and export back by a pure config

@@ -1,0 +1,472 @@
+"""DSpark drafting inside stock assisted generation: `target.generate(ids, assistant_model=drafter)`.
+
+transformers' `AssistedCandidateGenerator` calls `assistant_model.generate(<whole sequence>)` once per round
+and reads back the drafted tokens and the logits each one was drawn from; the target's outputs never reach the
+assistant. So the drafter overrides `generate()` to draft one DSpark block, and it reads the target's hidden
+states through forward hooks that `attach_target` installs on the target's decoder layers. Each round, the
+features of the positions the target has just committed are pushed through the drafter's context cache; the
+block is one backbone forward followed by a cheap left-to-right loop of the Markov head.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList
+from transformers.utils import logging
+
+if TYPE_CHECKING:
+    from .modeling_dspark import DSparkContextCache
+
+logger = logging.get_logger(__name__)
+
+# The versions whose `AssistedCandidateGenerator` / `_assisted_decoding` this module was verified against: the
+# assistant's returned cache field is `past_key_values` in 5.23 and `cache` in 5.24 (both left as None here).
+MIN_TRANSFORMERS_VERSION = "5.23"
+MAX_TRANSFORMERS_VERSION = "5.25"  # exclusive
+
+
+def check_transformers_version(version: str | None = None) -> None:
+    """Raise a RuntimeError when transformers `version` (default: the installed one) is outside the verified
+    range."""
+    version = transformers.__version__ if version is None else version
+    if not Version(MIN_TRANSFORMERS_VERSION) <= Version(version) < Version(MAX_TRANSFORMERS_VERSION):
+        raise RuntimeError(
+            f"DSpark assisted generation supports transformers>={MIN_TRANSFORMERS_VERSION},"
+            f"<{MAX_TRANSFORMERS_VERSION} (it relies on how their assisted decoding calls the assistant); "
+            f"found transformers {version}. Install a supported version, e.g. "
+            f"pip install 'transformers>={MIN_TRANSFORMERS_VERSION},<{MAX_TRANSFORMERS_VERSION}'."
+        )
+
+
+@dataclass
+class DSparkGenerationStats:
+    """Drafting statistics of the latest `target.generate(..., assistant_model=drafter)` call.
+
+    A verification round is one target forward after its prefill. The prefill forward also verifies a draft,
+    but that one-token draft is made before the target has produced any hidden state, so it is left out.
+
+    rounds: number of verification rounds.
+    drafted: draft tokens proposed per round (0 when the length limit left no room for a draft).
+    accepted: draft tokens accepted per round (the bonus token excluded).
+    tau: mean tokens produced per round, the bonus token included (NaN without rounds).
+    conditional_acceptance: per block position k, accepted / reached, where a round reaches k when it drafted
+        a token at k and accepted every token before it (NaN where never reached).
+    draft_time_s: wall time spent in the drafter, prefill round included.
+    other_time_s: the rest, from the first drafting call to the end of the last target forward.
+    """
+
+    rounds: int
+    drafted: list[int]
+    accepted: list[int]
+    tau: float
+    conditional_acceptance: list[float]
+    draft_time_s: float
+    other_time_s: float
+
+
+def _decoder_layers(target: nn.Module) -> nn.ModuleList:
+    decoder = target.get_decoder() if hasattr(target, "get_decoder") else target
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"Cannot find the decoder layers of {type(target).__name__}: expected `get_decoder().layers` to "
+            "be an nn.ModuleList, as in Llama/Qwen/Mistral-style causal LMs."
+        )
+    return layers
+
+
+def _sequence_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache a causal-LM forward was given (`cache` from transformers 5.24, `past_key_values` before)."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
+class _RoundLog:
+    """Bookkeeping of one target `generate` call, observed from the target's forwards.
+
+    Before every verification forward the target cache holds all committed tokens but the last, so its length
+    gives the committed length; after the last round it is cropped to the final length minus one.
+    """
+
+    def __init__(self, generation_key: object, first_forward: int):
+        self.generation_key = generation_key
+        self.first_forward = first_forward
+        self.cache = None
+        self.committed: list[int] = []
+        self.drafted: list[int] = []
+        self.draft_time = 0.0
+        self.start_time = self.end_time = time.perf_counter()
+
+    def on_forward(self, cache: Any, past_length: int, num_inputs: int) -> None:
+        if self.cache is None:  # the prefill forward of this generation
+            self.cache = cache
+        elif cache is self.cache:
+            self.committed.append(past_length + 1)
+            self.drafted.append(num_inputs - 1)
+
+    def on_forward_end(self, cache: Any) -> None:
+        if cache is not None and cache is self.cache:
+            self.end_time = time.perf_counter()
+
+    def stats(self, block_size: int) -> DSparkGenerationStats:
+        lengths = self.committed + ([self.cache.get_seq_length() + 1] if self.committed else [])
+        accepted = [end - start - 1 for start, end in zip(lengths, lengths[1:])]
+        rounds = len(accepted)
+        conditional = []
+        for k in range(block_size):
+            reached = sum(d > k and a >= k for d, a in zip(self.drafted, accepted))
+            passed = sum(a > k for a in accepted)
+            conditional.append(passed / reached if reached else math.nan)
+        return DSparkGenerationStats(
+            rounds=rounds,
+            drafted=list(self.drafted),
+            accepted=accepted,
+            tau=(sum(accepted) + rounds) / rounds if rounds else math.nan,
+            conditional_acceptance=conditional,
+            draft_time_s=self.draft_time,
+            other_time_s=max(self.end_time - self.start_time - self.draft_time, 0.0),
+        )
+
+
+class _TargetTap:
+    """Forward hooks that keep the target's features of its latest forward.
+
+    Layer id i captures the output of decoder layer i (before the final norm), which is HF's
+    `hidden_states[i + 1]` for every layer but the last; -1 captures the input of layer 0, i.e.
+    `hidden_states[0]`.
+    """
+
+    def __init__(self, target: PreTrainedModel, layer_ids: list[int]):
+        layers = _decoder_layers(target)
+        self.features: list[torch.Tensor | None] = [None] * len(layer_ids)
+        self.input_ids: torch.Tensor | None = None
+        self.start = 0  # sequence index of the first captured position
+        self.num_forwards = 0
+        self.recording = False
+        self.rounds: _RoundLog | None = None
+        self.handles = [
+            target.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+            target.register_forward_hook(self._after_forward, with_kwargs=True),
+        ]
+        for slot, layer_id in enumerate(layer_ids):
+            if layer_id == -1:
+                hook = layers[0].register_forward_pre_hook(partial(self._store_input, slot), with_kwargs=True)
+            else:
+                hook = layers[layer_id].register_forward_hook(partial(self._store_output, slot))
+            self.handles.append(hook)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def clear(self) -> None:
+        self.features = [None] * len(self.features)
+        self.input_ids = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.features[0] is None else self.features[0].shape[1]
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        cache = _sequence_cache(kwargs)
+        self.clear()
+        self.num_forwards += 1
+        # Only single-sequence forwards can belong to assisted generation; others are not recorded.
+        self.recording = inputs is not None and inputs.shape[0] == 1
+        if not self.recording:
+            return
+        self.input_ids = input_ids
+        self.start = cache.get_seq_length() if cache is not None else 0
+        if self.rounds is not None:
+            self.rounds.on_forward(cache, self.start, inputs.shape[1])
+
+    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        if self.rounds is not None:
+            self.rounds.on_forward_end(_sequence_cache(kwargs))
+
+    def _store_input(self, slot: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if self.recording:
+            self.features[slot] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    def _store_output(self, slot: int, module: nn.Module, args: tuple, output: Any) -> None:
+        if self.recording:
+            self.features[slot] = (output[0] if isinstance(output, tuple) else output).detach()
+
+
+class _DraftContext:
+    """The drafter's cache of projected target context: positions [start, end) of the sequence `ids`."""
+
+    def __init__(self, cache: DSparkContextCache):
+        self.cache = cache
+        self.ids = torch.empty(0, dtype=torch.long)
+        self.start = 0
+        self.end = 0
+
+
+class DSparkGenerationMixin(GenerationMixin):
+    """Lets a DSpark drafter serve as `assistant_model` of stock transformers generation (batch size 1).
+
+    ```python
+    drafter.attach_target(target)
+    out = target.generate(input_ids, assistant_model=drafter, max_new_tokens=128)
+    print(drafter.last_stats.tau)
+    ```
+    Greedy decoding and sampling are both lossless: the target verifies every draft, and `generate` reports
+    the exact logits each draft token was drawn from. `drafter.generation_config.confidence_threshold`
+    (default 0, off) ends a block at the first position whose calibrated confidence falls below it.
+    """
+
+    _target_tap: _TargetTap | None = None
+    _draft_context: _DraftContext | None = None
+    _round_log: _RoundLog | None = None
+
+    def attach_target(self, target: PreTrainedModel) -> DSparkGenerationMixin:
+        """Install the feature hooks on `target` (replacing any previous target) and return the drafter."""
+        check_transformers_version()
+        config = self.config
+        text_config = target.config.get_text_config(decoder=True)
+        for field in ("vocab_size", "hidden_size"):
+            if getattr(text_config, field) != getattr(config, field):
+                raise ValueError(
+                    f"{field} mismatch: the drafter has {getattr(config, field)}, the target "
+                    f"({type(target).__name__}) has {getattr(text_config, field)}."
+                )
+        num_layers = len(_decoder_layers(target))
+        out_of_range = [i for i in config.target_layer_ids if not -1 <= i < num_layers]
+        if out_of_range:
+            raise ValueError(
+                f"target_layer_ids {config.target_layer_ids} contain {out_of_range}, outside the target's "
+                f"{num_layers} decoder layers (valid ids: -1 for the embeddings, 0..{num_layers - 1})."
+            )
+        if config.num_target_layers != num_layers:
+            raise ValueError(
+                f"num_target_layers mismatch: the drafter was built for {config.num_target_layers} target "
+                f"layers, the target has {num_layers}."
+            )
+        self.detach_target()
+        self._target_tap = _TargetTap(target, list(config.target_layer_ids))
+        return self
+
+    def detach_target(self) -> None:
+        """Remove the hooks from the attached target and forget its context; `last_stats` stays readable."""
+        if self._target_tap is not None:
+            self._target_tap.remove()
+        self._target_tap = None
+        self._draft_context = None
+
+    @property
+    def last_stats(self) -> DSparkGenerationStats | None:
+        """Statistics of the latest target `generate` that used this drafter (None before the first)."""
+        return None if self._round_log is None else self._round_log.stats(self.config.block_size)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | list | None = None,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+        r"""Draft one block after `input_ids`, the whole sequence so far (what assisted generation passes).
+
+        Args:
+            input_ids: [1, L] prompt and committed tokens; the last one is the anchor of the block.
+            generation_config: decoding options (`do_sample`, `eos_token_id`, `return_dict_in_generate`);
+                assisted generation passes a copy of the target's. Defaults to `self.generation_config`.
+            logits_processor: processors applied to each draft position before picking its token; assisted
+                generation passes the target's, so drafts are drawn from the same warped distribution family.
+            max_new_tokens: upper bound on the block, which is also capped by `config.block_size`.
+            min_new_tokens: EOS is suppressed at draft positions before this count.
+            attention_mask: accepted for compatibility; must be all ones (padding is not supported).
+            kwargs: other model kwargs of the target that assisted generation forwards; unused.
+
+        Returns:
+            With `return_dict_in_generate`, a `GenerateDecoderOnlyOutput` whose `sequences` are `input_ids`
+            followed by the drafted tokens and whose `scores` hold, per draft token, the exact logits it was
+            drawn from (base logits + Markov bias, after the processors). Otherwise the sequences only.
+        """
+        tap = self._target_tap
+        if tap is None:
+            raise RuntimeError(
+                "This DSpark drafter is not attached to a target: call `drafter.attach_target(target)` "
+                "before `target.generate(..., assistant_model=drafter)`."
+            )
+        if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] == 0:
+            raise ValueError(
+                "DSpark drafting supports batch size 1 (as transformers' assisted generation); got input_ids "
+                f"of shape {tuple(input_ids.shape)}."
+            )
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("DSpark drafting does not support padded inputs; pass the unpadded sequence.")
+        generation_config = self.generation_config if generation_config is None else generation_config
+        threshold = float(getattr(self.generation_config, "confidence_threshold", None) or 0.0)
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"generation_config.confidence_threshold must be in [0, 1), got {threshold}.")
+        if threshold > 0 and self.confidence_head is None:
+            raise ValueError("confidence_threshold > 0 needs a drafter with a confidence head.")
+
+        start_time = time.perf_counter()
+        if self._round_log is None or self._round_log.generation_key is not generation_config:
+            # Assisted generation passes the same config object every round, a new copy per `generate` call.
+            self._round_log = _RoundLog(generation_config, tap.num_forwards)
+            tap.rounds = self._round_log
+        block_size = self.config.block_size
+        limit = block_size if max_new_tokens is None else min(max_new_tokens, block_size)
+        scores: tuple[torch.Tensor, ...] = ()
+        sequences = input_ids
+        if limit > 0:
+            features, positions, complete = self._sync_context(input_ids[0])
+            num_tokens = limit if complete else 1
+            sequences = input_ids.new_empty(1, input_ids.shape[1] + num_tokens)
+            sequences[:, : input_ids.shape[1]] = input_ids
+            hidden, logits = self._block_forward(input_ids, features, positions)
+            scores = self._pick_block_tokens(
+                sequences,
+                num_tokens,
+                hidden,
+                logits,
+                LogitsProcessorList(logits_processor or []),
+                do_sample=bool(generation_config.do_sample),
+                eos_token_id=generation_config.eos_token_id,
+                min_new_tokens=min_new_tokens or 0,
+                threshold=threshold,
+            )
+            sequences = sequences[:, : input_ids.shape[1] + len(scores)]
+        self._round_log.draft_time += time.perf_counter() - start_time
+        if not generation_config.return_dict_in_generate:
+            return sequences
+        return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores)
+
+    def _sync_context(self, sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """The captured target features of newly committed positions, their positions, and whether the context
+        then covers every position before the anchor.
+
+        The last target forward covered [anchor, drafts] (the prompt and a draft at prefill); of those, only
+        the positions before the new anchor whose tokens the target committed are valid. The anchor's own
+        features enter next round.
+        """
+        from .modeling_dspark import DSparkContextCache
+
+        tap, context = self._target_tap, self._draft_context
+        if context is None:
+            context = self._draft_context = _DraftContext(DSparkContextCache(self.config.num_hidden_layers))
+        known = min(context.ids.shape[0], sequence.shape[0])
+        mismatch = (context.ids[:known].to(sequence.device) != sequence[:known]).nonzero()
+        agreed = int(mismatch[0]) if mismatch.numel() else known
+        if agreed < context.end:  # another sequence: keep the context both share, drop the stale capture
+            tap.clear()
+            if agreed <= context.start:
+                context.cache, context.start, agreed = DSparkContextCache(self.config.num_hidden_layers), 0, 0
+            else:
+                context.cache.crop(agreed - context.start)
+            context.end = agreed
+        context.ids = sequence
+
+        anchor = sequence.shape[0] - 1
+        start, end = tap.start, min(tap.start + tap.length, anchor)
+        if tap.input_ids is not None and end > start:
+            wrong = (tap.input_ids[0, : end - start].to(sequence.device) != sequence[start:end]).nonzero()
+            end = start + int(wrong[0]) if wrong.numel() else end
+        if start > context.end and end > start and tap.num_forwards > self._round_log.first_forward:
+            logger.warning_once(
+                f"The target's hidden states before position {start} were never observed (was generation "
+                "continued from a pre-filled cache?); the drafter drafts without that part of the context."
+            )
+            context.cache, context.start = DSparkContextCache(self.config.num_hidden_layers), start
+            context.end = start
+        new_start = context.end
+        if start <= new_start < end:
+            features = torch.cat([f[:, new_start - start : end - start] for f in tap.features], dim=-1)
+            context.end = end
+        else:
+            features = torch.zeros(1, 0, self.config.num_features * self.config.hidden_size)
+        positions = torch.arange(new_start, context.end, device=self.device)
+        return features.to(self.device, self.dtype), positions, context.end == anchor
+
+    def _block_forward(
+        self, input_ids: torch.LongTensor, features: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One backbone forward over [anchor, masks] that also pushes the new context features.
+
+        Returns the block's hidden states [gamma, d] and its float32 base logits [gamma, V].
+        """
+        block_size, anchor = self.config.block_size, input_ids.shape[1] - 1
+        block = input_ids.new_full((1, block_size), self.config.mask_token_id)
+        block[0, 0] = input_ids[0, anchor]
+        block_positions = torch.arange(anchor, anchor + block_size, device=self.device)
+        output = self(
+            input_ids=block,
+            target_hidden_states=features,
+            position_ids=torch.cat([positions, block_positions]).unsqueeze(0),
+            context_cache=self._draft_context.cache,
+        )
+        return output.last_hidden_state[0], output.base_logits[0].float()
+
+    def _pick_block_tokens(
+        self,
+        sequences: torch.LongTensor,
+        num_tokens: int,
+        hidden: torch.Tensor,
+        logits: torch.Tensor,
+        logits_processor: LogitsProcessorList,
+        do_sample: bool,
+        eos_token_id: int | list[int] | None,
+        min_new_tokens: int,
+        threshold: float,
+    ) -> tuple[torch.Tensor, ...]:
+        """The sequential stage: write up to `num_tokens` draft tokens into the tail of `sequences`.
+
+        Position k's logits are the base logits plus the Markov bias given token k-1, then the processors;
+        the returned scores are exactly those logits. A block ends early after EOS or, with a confidence
+        threshold, before the first position k >= 1 whose confidence falls below it (decided from tokens < k
+        only).
+        """
+        length = sequences.shape[1] - num_tokens
+        eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+        temperatures = self.config.confidence_temperatures
+        head = self.markov_head
+        prev = sequences[0, length - 1 : length]
+        state = None if head is None else head.init_state(hidden[:1])
+        scores = []
+        for k in range(num_tokens):
+            hidden_k = hidden[k : k + 1]
+            if threshold > 0 and k > 0:
+                confidence_logit = self.confidence(hidden_k, prev)
+                if temperatures is not None:
+                    confidence_logit = confidence_logit / temperatures[k]
+                if torch.sigmoid(confidence_logit).item() < threshold:
+                    break
+            row = logits[k : k + 1]
+            if head is not None:
+                bias, state = head.step(prev, hidden_k, state)
+                row += bias
+            if k < min_new_tokens and eos_ids:
+                row[:, eos_ids] = -math.inf
+            if logits_processor:
+                row = logits_processor(sequences[:, : length + k], row)
+            token = torch.multinomial(row.softmax(dim=-1), 1)[0] if do_sample else row.argmax(dim=-1)
+            sequences[0, length + k] = token[0]
+            scores.append(row)
+            prev = sequences[0, length + k : length + k + 1]
+            if eos_ids and int(token) in eos_ids:
+                break
+        return tuple(scores)
+
+
+__all__ = ["DSparkGenerationMixin", "DSparkGenerationStats", "check_transformers_version"]

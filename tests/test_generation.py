@@ -1,0 +1,444 @@
+"""DSpark drafting inside stock assisted generation: `target.generate(ids, assistant_model=drafter)`."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from dspark_hf import DSparkConfig, DSparkForCausalLM
+from dspark_hf.generation import check_transformers_version
+from dspark_hf.heads import GatedMarkovHead, RNNMarkovHead
+
+VOCAB, HIDDEN, TARGET_LAYERS = 64, 64, 4
+LAYER_IDS = [-1, 1, 2]
+BLOCK = 5
+NEW_TOKENS = 64
+# Embedding scale at which the tiny targets' greedy continuation follows the successor permutation ~80 % of
+# the time: often enough for long accepted drafts, rarely enough that rejections land anywhere in a block.
+SUCCESSOR_SCALE = 0.11
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models are dominated by thread hand-off on a shared machine; one thread is ~30x faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_target(kind: str, vocab: int = VOCAB, hidden: int = HIDDEN, successor_scale: float | None = None):
+    """A tiny random Llama or Qwen3, and (with `successor_scale`) the permutation its greedy decoding follows.
+
+    With `successor_scale`, embedding rows are orthonormal rows scaled by it and the LM head maps each row to
+    its successor's logit, so the next token is mostly the successor of the current one; the random layers add
+    context dependence, more of it the smaller the scale.
+    """
+    torch.manual_seed(0)
+    fields = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=TARGET_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    if kind == "llama":
+        target = LlamaForCausalLM(LlamaConfig(**fields))
+    else:
+        target = Qwen3ForCausalLM(Qwen3Config(head_dim=hidden // 4, **fields))
+    successor = torch.randperm(vocab)
+    if successor_scale is not None:
+        basis, _ = torch.linalg.qr(torch.randn(hidden, hidden))
+        with torch.no_grad():
+            target.model.embed_tokens.weight.copy_(basis[:vocab] * successor_scale)
+            target.lm_head.weight.zero_()
+            target.lm_head.weight[successor] = basis[:vocab] * 2.0
+    return target.eval(), successor
+
+
+def teach_successor(drafter: DSparkForCausalLM, successor: torch.Tensor, strength: float = 40.0) -> None:
+    """Make the Markov head predict `successor[previous token]`, overriding the (random) backbone."""
+    head, vocab = drafter.markov_head, successor.numel()
+    rank = head.markov_rank
+    with torch.no_grad():
+        head.markov_w1.weight.copy_(torch.eye(vocab, rank))
+        head.markov_w2.weight.zero_()
+        head.markov_w2.weight[successor, torch.arange(vocab)] = strength
+        if isinstance(head, GatedMarkovHead):  # gate fully open: the vanilla transition
+            head.gate_proj.weight.zero_()
+            head.gate_proj.bias.fill_(20.0)
+        if isinstance(head, RNNMarkovHead):  # output = tanh(20 * W1[prev]) ~ W1[prev]
+            head.joint_proj.weight.zero_()
+            head.joint_proj.bias.zero_()
+            head.joint_proj.weight[2 * rank :, rank : 2 * rank] = 20.0 * torch.eye(rank)
+
+
+def tiny_drafter(target, head: str = "vanilla", successor: torch.Tensor | None = None, **overrides):
+    torch.manual_seed(1)
+    fields = dict(
+        num_hidden_layers=1,
+        intermediate_size=2 * HIDDEN,
+        markov_rank=target.config.vocab_size,
+        markov_head_type=head,
+        block_size=BLOCK,
+        target_layer_ids=LAYER_IDS,
+    )
+    drafter = DSparkForCausalLM.from_target(target, **{**fields, **overrides}).eval()
+    if successor is not None:
+        teach_successor(drafter, successor)
+    return drafter.attach_target(target)
+
+
+def prompts(count: int, seed: int = 0) -> list[torch.Tensor]:
+    """`count` random prompts of lengths 1..40."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (1, 1 + (7 * i) % 40), generator=generator) for i in range(count)]
+
+
+def random_prompt(length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+class DraftSpy:
+    """Records every drafting call: (input_ids, output, keyword arguments)."""
+
+    def __init__(self, drafter, monkeypatch):
+        self.calls: list[tuple[torch.Tensor, object, dict]] = []
+        generate = drafter.generate
+
+        def spy(input_ids, **kwargs):
+            out = generate(input_ids, **kwargs)
+            self.calls.append((input_ids, out, kwargs))
+            return out
+
+        monkeypatch.setattr(drafter, "generate", spy)
+
+    @property
+    def drafts(self) -> list[tuple[int, torch.Tensor]]:
+        """(committed length, drafted tokens) per call."""
+        return [(ids.shape[1], out.sequences[0, ids.shape[1] :]) for ids, out, _ in self.calls]
+
+
+class ForwardCounter:
+    def __init__(self, model):
+        self.count = 0
+        self.handle = model.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.count += 1
+
+
+_greedy_reference: dict[tuple[str, int], torch.Tensor] = {}
+
+
+@pytest.mark.parametrize("head", ["vanilla", "gated", "rnn"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+def test_greedy_is_token_identical_to_target(kind, head):
+    """20 prompts x 64 tokens; every other prompt with confidence truncation (calibrated by temperatures)."""
+    target, successor = tiny_target(kind, successor_scale=SUCCESSOR_SCALE)
+    drafter = tiny_drafter(target, head, successor)
+    drafter.config.confidence_temperatures = [1.0, 0.8, 1.3, 1.0, 2.0]
+    with torch.no_grad():
+        drafter.confidence_head.proj.weight.normal_(0.0, 0.2)
+    accepted, truncated = 0, [0, 0]
+    for i, ids in enumerate(prompts(20)):
+        drafter.generation_config.confidence_threshold = 0.5 * (i % 2)
+        if (kind, i) not in _greedy_reference:
+            _greedy_reference[kind, i] = target.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS)
+        out = target.generate(ids, assistant_model=drafter, do_sample=False, max_new_tokens=NEW_TOKENS)
+        assert torch.equal(out, _greedy_reference[kind, i]), f"prompt {i} (length {ids.shape[1]}) diverged"
+        stats = drafter.last_stats
+        accepted += sum(stats.accepted)
+        # Blocks shorter than BLOCK before the length limit binds can only come from the confidence head.
+        truncated[i % 2] += sum(d < BLOCK for d in stats.drafted[: -BLOCK - 1])
+    assert accepted > 20 * NEW_TOKENS // 4, "the taught drafter should be accepted often"
+    assert truncated[0] == 0 and truncated[1] > 0
+
+
+def test_tau_matches_an_independent_count(monkeypatch):
+    target, successor = tiny_target("llama", successor_scale=SUCCESSOR_SCALE)
+    drafter = tiny_drafter(target, "vanilla", successor)
+    spy, forwards = DraftSpy(drafter, monkeypatch), ForwardCounter(target)
+    ids = random_prompt(12, seed=3)
+    out = target.generate(ids, assistant_model=drafter, do_sample=False, max_new_tokens=NEW_TOKENS)
+    forwards.handle.remove()
+    stats = drafter.last_stats
+
+    # Independent count: tokens produced after the prefill round over target forwards after the prefill; the
+    # prefill round ends where the second drafting call starts.
+    committed_after_prefill = spy.drafts[1][0]
+    tau = (out.shape[1] - committed_after_prefill) / (forwards.count - 1)
+    assert stats.rounds == forwards.count - 1
+    assert stats.tau == pytest.approx(tau)
+    assert stats.tau > 1.5
+    assert stats.tau == pytest.approx(1 + sum(stats.accepted) / stats.rounds)
+    assert all(0 <= a <= d for a, d in zip(stats.accepted, stats.drafted))
+    reached = [c for c in stats.conditional_acceptance if not math.isnan(c)]
+    assert len(reached) == BLOCK and all(0.0 <= c <= 1.0 for c in reached)
+    assert stats.draft_time_s > 0 and stats.other_time_s > 0
+    # Never drafted beyond the length limit: every draft leaves room for the target's bonus token.
+    max_length = ids.shape[1] + NEW_TOKENS
+    assert all(length + len(drafts) <= max_length - 1 for length, drafts in spy.drafts)
+    assert all(len(drafts) <= BLOCK for _, drafts in spy.drafts)
+
+    drafter.generation_config.num_assistant_tokens = 2
+    target.generate(ids, assistant_model=drafter, do_sample=False, max_new_tokens=NEW_TOKENS)
+    assert max(drafter.last_stats.drafted) == 2
+
+
+def test_eos_stops_generation_identically(monkeypatch):
+    target, successor = tiny_target("qwen3", successor_scale=SUCCESSOR_SCALE)
+    drafter = tiny_drafter(target, "gated", successor)
+    spy = DraftSpy(drafter, monkeypatch)
+    ids = random_prompt(12, seed=5)
+    free = target.generate(ids, do_sample=False, max_new_tokens=40)[0, ids.shape[1] :]
+    eos = int(free[12])
+    first = int((free == eos).nonzero()[0])
+
+    kwargs = dict(do_sample=False, max_new_tokens=40, eos_token_id=eos)
+    out = target.generate(ids, assistant_model=drafter, **kwargs)
+    assert torch.equal(out, target.generate(ids, **kwargs))
+    assert out.shape[1] == ids.shape[1] + first + 1 and out[0, -1] == eos
+    # The drafter proposed the EOS itself and ended its block there.
+    assert any(len(drafts) and drafts[-1] == eos and eos not in drafts[:-1] for _, drafts in spy.drafts)
+
+    kwargs["min_new_tokens"] = first + 2  # EOS suppressed in the target and in the drafts until then
+    out = target.generate(ids, assistant_model=drafter, **kwargs)
+    assert torch.equal(out, target.generate(ids, **kwargs))
+    assert eos not in out[0, ids.shape[1] : ids.shape[1] + first + 2]
+
+
+def target_features(target, sequence: torch.Tensor) -> torch.Tensor:
+    """Fresh, non-incremental recomputation of the drafter's context features for `sequence` [1, L]."""
+    hidden_states = target(sequence, output_hidden_states=True).hidden_states
+    return torch.cat([hidden_states[i + 1] for i in LAYER_IDS], dim=-1)
+
+
+def test_drafts_carry_the_teacher_forced_logits_and_confidence_cut(monkeypatch):
+    """Each round's scores equal a from-scratch drafter forward (fresh target features, drafted tokens
+    teacher-forced into the heads), and blocks end at the first position whose confidence is below the
+    threshold."""
+    target, successor = tiny_target("qwen3", successor_scale=SUCCESSOR_SCALE)
+    drafter = tiny_drafter(target, "rnn", successor)
+    temperatures = [1.0, 0.8, 1.3, 1.0, 2.0]
+    drafter.config.confidence_temperatures = temperatures
+    drafter.generation_config.confidence_threshold = threshold = 0.5
+    with torch.no_grad():
+        drafter.confidence_head.proj.weight.normal_(0.0, 0.2)
+    spy = DraftSpy(drafter, monkeypatch)
+    out = target.generate(
+        random_prompt(12, seed=7), assistant_model=drafter, do_sample=False, max_new_tokens=48
+    )
+    with torch.no_grad():
+        features = target_features(target, out)
+        cut_by_confidence = 0
+        # The first call drafts before any target feature exists.
+        for input_ids, draft, kwargs in spy.calls[1:]:
+            anchor, drafted = input_ids.shape[1] - 1, draft.sequences[0, input_ids.shape[1] :]
+            block = torch.full((1, BLOCK), drafter.config.mask_token_id)
+            block[0, 0] = out[0, anchor]
+            prev = block.clone()
+            prev[0, 1 : 1 + len(drafted)] = drafted[: BLOCK - 1]
+            reference = drafter(
+                input_ids=block,
+                target_hidden_states=features[:, :anchor],
+                position_ids=torch.arange(anchor + BLOCK)[None],
+                prev_token_ids=prev,
+            )
+            torch.testing.assert_close(
+                torch.stack(draft.scores, 1)[0], reference.logits[0, : len(drafted)], atol=2e-4, rtol=1e-4
+            )
+            confidence = torch.sigmoid(reference.confidence_logits[0] / torch.tensor(temperatures))
+            limit = min(kwargs["max_new_tokens"], BLOCK)
+            low = [k for k in range(1, limit) if confidence[k] < threshold]
+            assert len(drafted) == (low[0] if low else limit)
+            cut_by_confidence += bool(low)
+    assert cut_by_confidence > 0
+
+
+def test_hooked_context_equals_recomputed_target_hidden_states(monkeypatch):
+    """The features pushed into the drafter, over a generation and its continuation, are exactly the target's
+    hidden states of every position before the last anchor, each pushed once (the context is reused)."""
+    target, successor = tiny_target("llama", successor_scale=SUCCESSOR_SCALE)
+    drafter = tiny_drafter(target, "vanilla", successor)
+    pushed = []
+    forward = drafter.forward
+
+    def recording_forward(input_ids, target_hidden_states, position_ids, **kwargs):
+        pushed.append((target_hidden_states, position_ids[0, : target_hidden_states.shape[1]]))
+        return forward(input_ids, target_hidden_states, position_ids, **kwargs)
+
+    monkeypatch.setattr(drafter, "forward", recording_forward)
+    spy = DraftSpy(drafter, monkeypatch)
+    first = target.generate(
+        random_prompt(12, seed=9), assistant_model=drafter, do_sample=False, max_new_tokens=30
+    )
+    stats = drafter.last_stats
+    assert 0 < sum(stats.accepted) < sum(stats.drafted)  # windows cut inside blocks
+    follow_up = torch.cat([first, torch.tensor([[5, 17, 33]])], dim=1)
+    out = target.generate(follow_up, assistant_model=drafter, do_sample=False, max_new_tokens=30)
+
+    positions = torch.cat([p for _, p in pushed])
+    last_anchor = spy.drafts[-1][0] - 1
+    assert torch.equal(positions, torch.arange(last_anchor))
+    with torch.no_grad():
+        expected = target_features(target, out)[:, :last_anchor]
+    torch.testing.assert_close(torch.cat([f for f, _ in pushed], dim=1), expected, atol=1e-5, rtol=1e-5)
+
+
+def sampling_setup():
+    """A 5-token target with a peaked, context-dependent distribution and a drafter that disagrees with it."""
+    target, _ = tiny_target("llama", vocab=5, hidden=16)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(60.0)
+    drafter = tiny_drafter(target, "rnn", markov_rank=4, block_size=3)
+    with torch.no_grad():  # a strong, prefix-dependent Markov bias: drafts often differ from the target's
+        drafter.markov_head.markov_w1.weight.normal_(0.0, 1.0)
+        drafter.markov_head.markov_w2.weight.normal_(0.0, 3.0)
+    return target, drafter
+
+
+SAMPLING = dict(do_sample=True, temperature=0.7, repetition_penalty=1.3)
+SAMPLED_TOKENS = 3
+
+
+def exact_distribution(target, prompt: torch.Tensor) -> tuple[list[tuple[int, ...]], torch.Tensor]:
+    """Brute force: the target's probability of every continuation of SAMPLED_TOKENS tokens, with the same
+    logits processors `generate` builds for SAMPLING (repetition penalty, then temperature)."""
+    processors = transformers.LogitsProcessorList(
+        [
+            transformers.RepetitionPenaltyLogitsProcessor(SAMPLING["repetition_penalty"]),
+            transformers.TemperatureLogitsWarper(SAMPLING["temperature"]),
+        ]
+    )
+    vocab = target.config.vocab_size
+    continuations = list(itertools.product(range(vocab), repeat=SAMPLED_TOKENS))
+    sequences = torch.cat([prompt.expand(len(continuations), -1), torch.tensor(continuations)], dim=1)
+    with torch.no_grad():
+        logits = target(sequences).logits
+    log_probs = torch.zeros(len(continuations))
+    for t in range(SAMPLED_TOKENS):
+        position = prompt.shape[1] + t
+        scores = processors(sequences[:, :position], logits[:, position - 1])
+        log_probs += scores.log_softmax(-1).gather(-1, sequences[:, position : position + 1]).squeeze(-1)
+    return continuations, log_probs.exp()
+
+
+def chi_square_p_value(counts: torch.Tensor, probabilities: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Pearson chi-square goodness of fit; the least likely cells are pooled until each bin expects 5."""
+    expected = probabilities.double() * counts.sum()
+    observed_bins, expected_bins, pool_o, pool_e = [], [], 0.0, 0.0
+    for i in expected.argsort(descending=True).tolist():
+        pool_o, pool_e = pool_o + counts[i].item(), pool_e + expected[i].item()
+        if pool_e >= min_expected:
+            observed_bins.append(pool_o)
+            expected_bins.append(pool_e)
+            pool_o = pool_e = 0.0
+    observed_bins[-1] += pool_o
+    expected_bins[-1] += pool_e
+    observed, expected = torch.tensor(observed_bins), torch.tensor(expected_bins)
+    statistic = ((observed - expected) ** 2 / expected).sum()
+    dof = torch.tensor(len(observed_bins) - 1.0, dtype=torch.float64)
+    return torch.special.gammaincc(dof / 2, statistic / 2).item()
+
+
+def sampled_continuation_p_value(target, drafter, samples: int) -> float:
+    """Draw `samples` assisted generations (longer than the tally, so multi-token blocks are verified) and
+    test their first SAMPLED_TOKENS tokens against the exact target distribution."""
+    prompt = torch.tensor([[1, 3, 0, 2]])
+    continuations, probabilities = exact_distribution(target, prompt)
+    index = {c: i for i, c in enumerate(continuations)}
+    counts = torch.zeros(len(continuations))
+    torch.manual_seed(1234)
+    for _ in range(samples):
+        out = target.generate(prompt, assistant_model=drafter, max_new_tokens=SAMPLED_TOKENS + 3, **SAMPLING)
+        counts[index[tuple(out[0, prompt.shape[1] : prompt.shape[1] + SAMPLED_TOKENS].tolist())]] += 1
+    return chi_square_p_value(counts, probabilities)
+
+
+SAMPLES = 400
+SIGNIFICANCE = 1e-3
+
+
+def test_sampling_matches_the_exact_target_distribution():
+    target, drafter = sampling_setup()
+    assert sampled_continuation_p_value(target, drafter, SAMPLES) > SIGNIFICANCE
+
+
+def test_sampling_test_catches_misreported_draft_logits(monkeypatch):
+    """Negative control: a drafter reporting logits other than those it sampled from breaks losslessness."""
+    target, drafter = sampling_setup()
+    generate = drafter.generate
+
+    def misreporting_generate(input_ids, **kwargs):
+        out = generate(input_ids, **kwargs)
+        out.scores = tuple(torch.zeros_like(s) for s in out.scores)  # claims uniform drafts
+        return out
+
+    monkeypatch.setattr(drafter, "generate", misreporting_generate)
+    assert sampled_continuation_p_value(target, drafter, SAMPLES) < SIGNIFICANCE
+
+
+@pytest.fixture
+def llama_and_drafter():
+    target, _ = tiny_target("llama", hidden=32)
+    return target, tiny_drafter(target)
+
+
+def test_batch_size_two_fails_before_generation(llama_and_drafter):
+    target, drafter = llama_and_drafter
+    forwards = ForwardCounter(target)
+    ids = torch.randint(0, VOCAB, (2, 6))
+    with pytest.raises(ValueError, match="batch"):
+        target.generate(ids, assistant_model=drafter, do_sample=False, max_new_tokens=8)
+    with pytest.raises(ValueError, match="batch size 1"):
+        drafter.generate(ids)
+    assert forwards.count == 0
+
+
+def test_unattached_drafter_fails_before_generation(llama_and_drafter):
+    target, drafter = llama_and_drafter
+    drafter.detach_target()
+    assert not target._forward_hooks and not target._forward_pre_hooks
+    assert not any(layer._forward_hooks or layer._forward_pre_hooks for layer in target.model.layers)
+    forwards = ForwardCounter(target)
+    with pytest.raises(RuntimeError, match="attach_target"):
+        target.generate(random_prompt(5, seed=0), assistant_model=drafter, do_sample=False, max_new_tokens=8)
+    assert forwards.count == 0
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(vocab_size=VOCAB + 1), "vocab_size mismatch"),
+        (dict(hidden_size=48, num_attention_heads=4, head_dim=12), "hidden_size mismatch"),
+        (dict(num_target_layers=8, target_layer_ids=[1, 6]), r"target_layer_ids \[1, 6\] contain \[6\]"),
+        (dict(num_target_layers=8, target_layer_ids=[1, 2]), "num_target_layers mismatch"),
+    ],
+)
+def test_attach_rejects_a_mismatched_target(llama_and_drafter, overrides, message):
+    target, _ = llama_and_drafter
+    hooks = len(target._forward_hooks), len(target._forward_pre_hooks)
+    config = DSparkConfig.from_target_config(target.config, num_hidden_layers=1, markov_rank=8, **overrides)
+    with pytest.raises(ValueError, match=message):
+        DSparkForCausalLM(config).attach_target(target)
+    assert (len(target._forward_hooks), len(target._forward_pre_hooks)) == hooks
+
+
+@pytest.mark.parametrize("version", ["5.22.2", "5.25.0", "6.0.0"])
+def test_unsupported_transformers_versions_are_refused(version):
+    with pytest.raises(RuntimeError, match=rf"transformers>=5.23,<5.25 .*found transformers {version}"):
+        check_transformers_version(version)
+    check_transformers_version("5.23.0")
+    check_transformers_version()  # the installed version is supported
