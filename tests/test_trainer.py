@@ -438,6 +438,35 @@ def test_bad_arguments_are_refused(pair, tmp_path):
             )
 
 
+def test_dspark_train_command(tmp_path):
+    """`dspark train` end to end on a tiny target that uses the reference chat tokenizer."""
+    from transformers import AutoTokenizer
+
+    from dspark_hf.cli import main
+    from dspark_hf.reference_target import default_cache_dir
+
+    if not (default_cache_dir() / "tokenizer_config.json").is_file():
+        pytest.skip("the reference target's tokenizer is not cached")
+    tokenizer = AutoTokenizer.from_pretrained(default_cache_dir())
+    target = make_target(vocab_size=len(tokenizer))
+    target.save_pretrained(tmp_path / "target")
+    tokenizer.save_pretrained(tmp_path / "target")
+    rows = [{"prompt": f"What is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."} for i in range(6)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output = tmp_path / "drafter"
+    common = ["--target", str(tmp_path / "target"), "--dataset", str(tmp_path / "rows.jsonl")]
+    common += ["--output-dir", str(output), "--batch-size", "2", "--num-anchors", "4", "--seed", "0"]
+    main(["train", *common, "--max-steps", "2", "--num-layers", "1", "--block-size", "3", "--eval-rows", "2"])
+    drafter = DSparkForCausalLM.from_pretrained(output)
+    assert drafter.config.num_hidden_layers == 1 and drafter.config.block_size == 3
+    assert (output / "checkpoint-2").is_dir() and (output / "tokenizer.json").is_file()
+    # Continue the run from its last checkpoint.
+    main(["train", *common, "--max-steps", "3", "--num-layers", "1", "--block-size", "3", "--resume"])
+    assert (output / "checkpoint-3").is_dir()
+    with pytest.raises(SystemExit, match="--dataset"):
+        main(["train", "--target", str(tmp_path / "target")])
+
+
 # ---- scale-out ---------------------------------------------------------------------------------------------
 
 DDP_STEPS = 3
