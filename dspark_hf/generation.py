@@ -95,22 +95,24 @@ class _RoundLog:
     """Bookkeeping of one target `generate` call, observed from the target's forwards.
 
     Before every verification forward the target cache holds all committed tokens but the last, so its length
-    gives the committed length; after the last round it is cropped to the final length minus one.
+    gives the committed length; after the last round it is cropped to the final length minus one. The cache is
+    held until `close()` (the next generation or `detach_target`) to read that final length.
     """
 
-    def __init__(self, generation_key: object, first_forward: int):
+    def __init__(self, generation_key: object):
         self.generation_key = generation_key
-        self.first_forward = first_forward
+        self.prefilled = False
         self.cache = None
+        self.final_length: int | None = None
         self.committed: list[int] = []
         self.drafted: list[int] = []
         self.draft_time = 0.0
         self.start_time = self.end_time = time.perf_counter()
 
     def on_forward(self, cache: Any, past_length: int, num_inputs: int) -> None:
-        if self.cache is None:  # the prefill forward of this generation
-            self.cache = cache
-        elif cache is self.cache:
+        if not self.prefilled:  # the prefill forward of this generation
+            self.prefilled, self.cache = True, cache
+        elif cache is not None and cache is self.cache:
             self.committed.append(past_length + 1)
             self.drafted.append(num_inputs - 1)
 
@@ -118,8 +120,15 @@ class _RoundLog:
         if cache is not None and cache is self.cache:
             self.end_time = time.perf_counter()
 
+    def close(self) -> None:
+        """Fix the final length and release the target's cache."""
+        if self.cache is not None:
+            self.final_length = self.cache.get_seq_length() + 1
+            self.cache = None
+
     def stats(self, block_size: int) -> DSparkGenerationStats:
-        lengths = self.committed + ([self.cache.get_seq_length() + 1] if self.committed else [])
+        final_length = self.final_length if self.cache is None else self.cache.get_seq_length() + 1
+        lengths = self.committed + ([final_length] if self.committed else [])
         accepted = [end - start - 1 for start, end in zip(lengths, lengths[1:])]
         rounds = len(accepted)
         conditional = []
@@ -151,7 +160,6 @@ class _TargetTap:
         self.features: list[torch.Tensor | None] = [None] * len(layer_ids)
         self.input_ids: torch.Tensor | None = None
         self.start = 0  # sequence index of the first captured position
-        self.num_forwards = 0
         self.recording = False
         self.rounds: _RoundLog | None = None
         self.handles = [
@@ -180,18 +188,17 @@ class _TargetTap:
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         cache = _sequence_cache(kwargs)
         self.clear()
-        self.num_forwards += 1
-        # Only single-sequence forwards can belong to assisted generation; others are not recorded.
-        self.recording = inputs is not None and inputs.shape[0] == 1
+        # Only single-sequence forwards over token ids can be rounds of assisted generation (and be checked
+        # against the committed tokens); others are not recorded.
+        self.recording = input_ids is not None and input_ids.shape[0] == 1
         if not self.recording:
             return
         self.input_ids = input_ids
         self.start = cache.get_seq_length() if cache is not None else 0
         if self.rounds is not None:
-            self.rounds.on_forward(cache, self.start, inputs.shape[1])
+            self.rounds.on_forward(cache, self.start, input_ids.shape[1])
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         if self.rounds is not None:
@@ -207,12 +214,11 @@ class _TargetTap:
 
 
 class _DraftContext:
-    """The drafter's cache of projected target context: positions [start, end) of the sequence `ids`."""
+    """The drafter's cache of projected target context: positions [0, end) of the sequence `ids`."""
 
     def __init__(self, cache: DSparkContextCache):
         self.cache = cache
         self.ids = torch.empty(0, dtype=torch.long)
-        self.start = 0
         self.end = 0
 
 
@@ -264,6 +270,8 @@ class DSparkGenerationMixin(GenerationMixin):
         """Remove the hooks from the attached target and forget its context; `last_stats` stays readable."""
         if self._target_tap is not None:
             self._target_tap.remove()
+        if self._round_log is not None:
+            self._round_log.close()
         self._target_tap = None
         self._draft_context = None
 
@@ -324,7 +332,9 @@ class DSparkGenerationMixin(GenerationMixin):
         start_time = time.perf_counter()
         if self._round_log is None or self._round_log.generation_key is not generation_config:
             # Assisted generation passes the same config object every round, a new copy per `generate` call.
-            self._round_log = _RoundLog(generation_config, tap.num_forwards)
+            if self._round_log is not None:
+                self._round_log.close()
+            self._round_log = _RoundLog(generation_config)
             tap.rounds = self._round_log
         block_size = self.config.block_size
         limit = block_size if max_new_tokens is None else min(max_new_tokens, block_size)
@@ -332,6 +342,11 @@ class DSparkGenerationMixin(GenerationMixin):
         sequences = input_ids
         if limit > 0:
             features, positions, complete = self._sync_context(input_ids[0])
+            if not complete and self._round_log.prefilled:
+                logger.warning_once(
+                    "The target's hidden states of some committed positions were never observed (was the "
+                    "target given a pre-filled cache?); drafting one token per round."
+                )
             num_tokens = limit if complete else 1
             sequences = input_ids.new_empty(1, input_ids.shape[1] + num_tokens)
             sequences[:, : input_ids.shape[1]] = input_ids
@@ -371,25 +386,15 @@ class DSparkGenerationMixin(GenerationMixin):
         agreed = int(mismatch[0]) if mismatch.numel() else known
         if agreed < context.end:  # another sequence: keep the context both share, drop the stale capture
             tap.clear()
-            if agreed <= context.start:
-                context.cache, context.start, agreed = DSparkContextCache(self.config.num_hidden_layers), 0, 0
-            else:
-                context.cache.crop(agreed - context.start)
+            context.cache.crop(agreed)
             context.end = agreed
         context.ids = sequence
 
         anchor = sequence.shape[0] - 1
         start, end = tap.start, min(tap.start + tap.length, anchor)
-        if tap.input_ids is not None and end > start:
+        if end > start:
             wrong = (tap.input_ids[0, : end - start].to(sequence.device) != sequence[start:end]).nonzero()
             end = start + int(wrong[0]) if wrong.numel() else end
-        if start > context.end and end > start and tap.num_forwards > self._round_log.first_forward:
-            logger.warning_once(
-                f"The target's hidden states before position {start} were never observed (was generation "
-                "continued from a pre-filled cache?); the drafter drafts without that part of the context."
-            )
-            context.cache, context.start = DSparkContextCache(self.config.num_hidden_layers), start
-            context.end = start
         new_start = context.end
         if start <= new_start < end:
             features = torch.cat([f[:, new_start - start : end - start] for f in tap.features], dim=-1)

@@ -194,7 +194,11 @@ def test_tau_matches_an_independent_count(monkeypatch):
 
     drafter.generation_config.num_assistant_tokens = 2
     target.generate(ids, assistant_model=drafter, do_sample=False, max_new_tokens=NEW_TOKENS)
-    assert max(drafter.last_stats.drafted) == 2
+    stats = drafter.last_stats
+    assert max(stats.drafted) == 2
+
+    drafter.detach_target()  # releases the target's cache, keeps the statistics
+    assert drafter.last_stats.accepted == stats.accepted and drafter._round_log.cache is None
 
 
 def test_eos_stops_generation_identically(monkeypatch):
@@ -286,6 +290,9 @@ def test_hooked_context_equals_recomputed_target_hidden_states(monkeypatch):
     )
     stats = drafter.last_stats
     assert 0 < sum(stats.accepted) < sum(stats.drafted)  # windows cut inside blocks
+    with torch.no_grad():  # unrelated forwards in between are not mistaken for the sequence's features
+        target(random_prompt(9, seed=1))
+        target(torch.randint(0, VOCAB, (2, 7)))
     follow_up = torch.cat([first, torch.tensor([[5, 17, 33]])], dim=1)
     out = target.generate(follow_up, assistant_model=drafter, do_sample=False, max_new_tokens=30)
 
