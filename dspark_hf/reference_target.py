@@ -78,7 +78,7 @@ def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenize
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.eos_token != "<|im_end|>" or "<|im_start|>" not in (tokenizer.chat_template or ""):
         raise ValueError(
-            f"Unexpected tokenizer in {GGUF_FILENAME}: eos={tokenizer.eos_token!r}, expected a ChatML template."
+            f"Unexpected tokenizer in {GGUF_FILENAME}: eos={tokenizer.eos_token!r}, expected ChatML."
         )
     return tokenizer
 

