@@ -260,6 +260,30 @@ def _add_train_command(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _add_quickstart_command(subparsers) -> None:
+    import dataclasses
+
+    from .quickstart import QuickstartOptions
+
+    parser = subparsers.add_parser(
+        "quickstart",
+        help="The main job: train a DSpark drafter for SmolLM2-135M-Instruct on the bundled data and compare "
+        "assisted against plain decoding.",
+    )
+    for option in dataclasses.fields(QuickstartOptions):
+        parser.add_argument(
+            f"--{option.name.replace('_', '-')}", type=type(option.default), default=option.default
+        )
+
+    def run(args: argparse.Namespace) -> None:
+        from .quickstart import run_quickstart
+
+        names = [option.name for option in dataclasses.fields(QuickstartOptions)]
+        run_quickstart(QuickstartOptions(**{name: getattr(args, name) for name in names}))
+
+    parser.set_defaults(func=run)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="dspark", description="DSpark speculative decoding for transformers."
@@ -269,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_push_command(subparsers)
     _add_convert_command(subparsers)
     _add_train_command(subparsers)
+    _add_quickstart_command(subparsers)
     args = parser.parse_args(argv)
     args.func(args)
 

