@@ -79,6 +79,9 @@ class DSparkConfig(PreTrainedConfig):
         to the confidence head besides the hidden state (requires `markov_rank > 0`).
     confidence_temperatures (`list[float]`, *optional*): per-position temperatures fitted by sequential
         temperature scaling, applied to the confidence logits at generation time.
+    draft_vocab_size (`int`, *optional*): when set, drafting proposes only tokens of a frequency-ranked
+        sub-vocabulary of this size (the `draft_vocab_ids` buffer), which makes the LM head and the Markov
+        steps several times cheaper. Verification is unchanged, so decoding stays lossless.
     """
 
     model_type = "dspark"
@@ -110,6 +113,7 @@ class DSparkConfig(PreTrainedConfig):
     enable_confidence_head: bool = True
     confidence_head_with_markov: bool = True
     confidence_temperatures: list[float] | None = None
+    draft_vocab_size: int | None = None
 
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -155,6 +159,10 @@ class DSparkConfig(PreTrainedConfig):
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(
                 f"mask_token_id {self.mask_token_id} is outside the vocabulary [0, {self.vocab_size})."
+            )
+        if self.draft_vocab_size is not None and not 0 < self.draft_vocab_size <= self.vocab_size:
+            raise ValueError(
+                f"draft_vocab_size must be in [1, {self.vocab_size}], got {self.draft_vocab_size}."
             )
         temperatures = self.confidence_temperatures
         if temperatures is not None and (len(temperatures) != self.block_size or min(temperatures) <= 0):
@@ -213,7 +221,7 @@ class DSparkConfig(PreTrainedConfig):
     def to_deepspec_dict(self, num_anchors: int | None = None) -> dict[str, Any]:
         """The config.json of DeepSpec's layout, which vLLM (`method: dspark`) and SGLang (`DSPARK`) serve."""
         native = self.to_dict()
-        # Only DSpark's own fields (not the generic PreTrainedConfig ones such as id2label) go into the export.
+        # Only DSpark fields (not generic PreTrainedConfig ones such as id2label) go into the export.
         fields = [k for k in DSparkConfig.__annotations__ if k not in _NATIVE_ONLY_FIELDS]
         out = {k: native[k] for k in [*fields, "dtype", "transformers_version"] if k in native}
         out.update(
@@ -233,7 +241,7 @@ class DSparkConfig(PreTrainedConfig):
         return out
 
 
-_NATIVE_ONLY_FIELDS = ("confidence_temperatures", "target_model_name_or_path", "auto_map")
+_NATIVE_ONLY_FIELDS = ("confidence_temperatures", "target_model_name_or_path", "auto_map", "draft_vocab_size")
 
 
 def deepspec_to_native_dict(config_dict: dict[str, Any]) -> dict[str, Any]:

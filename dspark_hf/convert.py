@@ -26,7 +26,12 @@ def export_deepspec(drafter: DSparkForCausalLM, out_dir: str | Path, num_anchors
     out_dir.mkdir(parents=True, exist_ok=True)
     config = drafter.config.to_deepspec_dict(num_anchors=num_anchors)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tensors = {name: t.detach().contiguous().cpu() for name, t in drafter.state_dict().items()}
+    # The draft sub-vocabulary is a native drafting option that DeepSpec's layout has no place for.
+    tensors = {
+        name: t.detach().contiguous().cpu()
+        for name, t in drafter.state_dict().items()
+        if name != "draft_vocab_ids"
+    }
     save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
     return out_dir
 

@@ -213,6 +213,18 @@ class _TargetTap:
             self.features[slot] = (output[0] if isinstance(output, tuple) else output).detach()
 
 
+@dataclass
+class _DraftingWeights:
+    """The vocabulary projections of the drafting loop, in the layout that is cheapest for one row on CPU:
+    contiguous [in, out] matrices (`x @ W`), restricted to the draft sub-vocabulary when the drafter has one.
+    `key` identifies the source tensors and their in-place versions, so training invalidates the copy."""
+
+    key: tuple
+    lm_head: torch.Tensor  # [d, K]
+    markov_w2: torch.Tensor | None  # [r, K]
+    vocab_ids: torch.Tensor | None  # [K], None for the full vocabulary
+
+
 class _DraftContext:
     """The drafter's cache of projected target context: positions [0, end) of the sequence `ids`."""
 
@@ -238,6 +250,7 @@ class DSparkGenerationMixin(GenerationMixin):
     _target_tap: _TargetTap | None = None
     _draft_context: _DraftContext | None = None
     _round_log: _RoundLog | None = None
+    _drafting_weights_cache: _DraftingWeights | None = None
 
     def attach_target(self, target: PreTrainedModel) -> DSparkGenerationMixin:
         """Install the feature hooks on `target` (replacing any previous target) and return the drafter."""
@@ -404,24 +417,43 @@ class DSparkGenerationMixin(GenerationMixin):
         positions = torch.arange(new_start, context.end, device=self.device)
         return features.to(self.device, self.dtype), positions, context.end == anchor
 
+    def _drafting_weights(self) -> _DraftingWeights:
+        vocab_ids = getattr(self, "draft_vocab_ids", None)
+        markov_w2 = None if self.markov_head is None else self.markov_head.markov_w2.weight
+        sources = [t for t in (self.lm_head.weight, markov_w2, vocab_ids) if t is not None]
+        key = tuple((t.data_ptr(), t._version) for t in sources)
+        cached = self._drafting_weights_cache
+        if cached is None or cached.key != key:
+
+            def layout(weight: torch.Tensor) -> torch.Tensor:
+                rows = weight if vocab_ids is None else weight[vocab_ids]
+                return rows.detach().t().contiguous().float()
+
+            cached = _DraftingWeights(
+                key, layout(self.lm_head.weight), None if markov_w2 is None else layout(markov_w2), vocab_ids
+            )
+            self._drafting_weights_cache = cached
+        return cached
+
     def _block_forward(
         self, input_ids: torch.LongTensor, features: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One backbone forward over [anchor, masks] that also pushes the new context features.
 
-        Returns the block's hidden states [gamma, d] and its float32 base logits [gamma, V].
+        Returns the block's hidden states [gamma, d] and its float32 base logits [gamma, K] over the draft
+        vocabulary (K = V without a sub-vocabulary).
         """
         block_size, anchor = self.config.block_size, input_ids.shape[1] - 1
         block = input_ids.new_full((1, block_size), self.config.mask_token_id)
         block[0, 0] = input_ids[0, anchor]
         block_positions = torch.arange(anchor, anchor + block_size, device=self.device)
-        output = self(
-            input_ids=block,
-            target_hidden_states=features,
-            position_ids=torch.cat([positions, block_positions]).unsqueeze(0),
+        hidden = self.backbone(
+            block,
+            features,
+            torch.cat([positions, block_positions]).unsqueeze(0),
             context_cache=self._draft_context.cache,
-        )
-        return output.last_hidden_state[0], output.base_logits[0].float()
+        )[0]
+        return hidden, hidden.float() @ self._drafting_weights().lm_head
 
     def _pick_block_tokens(
         self,
@@ -437,8 +469,9 @@ class DSparkGenerationMixin(GenerationMixin):
     ) -> tuple[torch.Tensor, ...]:
         """The sequential stage: write up to `num_tokens` draft tokens into the tail of `sequences`.
 
-        Position k's logits are the base logits plus the Markov bias given token k-1, then the processors;
-        the returned scores are exactly those logits. A block ends early after EOS or, with a confidence
+        Position k's logits are the base logits plus the Markov bias given token k-1 (-inf outside the draft
+        sub-vocabulary, if any), then the processors; the returned scores are exactly those logits, over the
+        full vocabulary. A block ends early after EOS or, with a confidence
         threshold, before the first position k >= 1 whose confidence falls below it (decided from tokens < k
         only).
         """
@@ -446,6 +479,7 @@ class DSparkGenerationMixin(GenerationMixin):
         eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         temperatures = self.config.confidence_temperatures
         head = self.markov_head
+        weights = self._drafting_weights()
         prev = sequences[0, length - 1 : length]
         state = None if head is None else head.init_state(hidden[:1])
         scores = []
@@ -459,8 +493,11 @@ class DSparkGenerationMixin(GenerationMixin):
                     break
             row = logits[k : k + 1]
             if head is not None:
-                bias, state = head.step(prev, hidden_k, state)
-                row += bias
+                latent, state = head.latent(head.prev_embeddings(prev), hidden_k, state)
+                row = row + latent.float() @ weights.markov_w2
+            if weights.vocab_ids is not None:
+                full_row = row.new_full((1, self.config.vocab_size), -math.inf)
+                row = full_row.index_copy_(1, weights.vocab_ids, row)
             if k < min_new_tokens and eos_ids:
                 row[:, eos_ids] = -math.inf
             if logits_processor:

@@ -197,6 +197,8 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         if config.enable_confidence_head:
             extra = config.markov_rank if config.confidence_head_with_markov else 0
             self.confidence_head = ConfidenceHead(config.hidden_size + extra)
+        if config.draft_vocab_size is not None:
+            self.register_buffer("draft_vocab_ids", torch.arange(config.draft_vocab_size))
         self.post_init()
         self.embed_tokens.requires_grad_(False)
         self.lm_head.requires_grad_(False)
@@ -225,6 +227,20 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         kwargs["use_safetensors"] = True
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
+    def set_draft_vocab(self, token_ids: torch.Tensor | list[int] | None) -> None:
+        """Restrict drafting to `token_ids` (e.g. from `frequency_ranked_vocab`), or lift it with None."""
+        if token_ids is None:
+            self.config.draft_vocab_size = None
+            self._buffers.pop("draft_vocab_ids", None)
+            return
+        ids = torch.as_tensor(token_ids, dtype=torch.long).unique()
+        if ids.numel() == 0 or int(ids[0]) < 0 or int(ids[-1]) >= self.config.vocab_size:
+            raise ValueError(
+                f"draft vocabulary ids must be non-empty and within [0, {self.config.vocab_size})."
+            )
+        self.config.draft_vocab_size = ids.numel()
+        self.register_buffer("draft_vocab_ids", ids.to(self.lm_head.weight.device))
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
 
@@ -248,6 +264,28 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         prev = self.markov_head.prev_embeddings(prev_token_ids).to(hidden_states.dtype)
         return self.confidence_head(torch.cat([hidden_states, prev], dim=-1)).float()
 
+    def backbone(
+        self,
+        input_ids: torch.LongTensor,
+        target_hidden_states: torch.Tensor,
+        position_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        context_cache: DSparkContextCache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """The parallel stage: normed hidden states [B, L, d] of the block(s); arguments as in `forward`."""
+        hidden_states = self.embed_tokens(input_ids)
+        context = self.project_context(target_hidden_states.to(hidden_states.dtype))
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            mask = torch.zeros(attention_mask.shape, dtype=hidden_states.dtype, device=hidden_states.device)
+            attention_mask = mask.masked_fill(~attention_mask, torch.finfo(hidden_states.dtype).min)
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states, context, position_embeddings, attention_mask, context_cache, **kwargs
+            )
+        return self.norm(hidden_states)
+
     def forward(
         self,
         input_ids: torch.LongTensor,
@@ -268,18 +306,9 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         attention_mask: optional boolean [B, 1, L, cached+C+L] (True = attend) for packed multi-block
             training; None lets every block position see the whole context and block.
         """
-        hidden_states = self.embed_tokens(input_ids)
-        context = self.project_context(target_hidden_states.to(hidden_states.dtype))
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        if attention_mask is not None and attention_mask.dtype == torch.bool:
-            mask = torch.zeros(attention_mask.shape, dtype=hidden_states.dtype, device=hidden_states.device)
-            attention_mask = mask.masked_fill(~attention_mask, torch.finfo(hidden_states.dtype).min)
-        for layer in self.layers:
-            hidden_states = layer(
-                hidden_states, context, position_embeddings, attention_mask, context_cache, **kwargs
-            )
-        hidden_states = self.norm(hidden_states)
-
+        hidden_states = self.backbone(
+            input_ids, target_hidden_states, position_ids, attention_mask, context_cache
+        )
         base_logits = self.lm_head(hidden_states)
         logits = base_logits
         if self.markov_head is not None:

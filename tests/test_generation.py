@@ -277,13 +277,13 @@ def test_hooked_context_equals_recomputed_target_hidden_states(monkeypatch):
     target, successor = tiny_target("llama", successor_scale=SUCCESSOR_SCALE)
     drafter = tiny_drafter(target, "vanilla", successor)
     pushed = []
-    forward = drafter.forward
+    backbone = drafter.backbone
 
-    def recording_forward(input_ids, target_hidden_states, position_ids, **kwargs):
+    def recording_backbone(input_ids, target_hidden_states, position_ids, **kwargs):
         pushed.append((target_hidden_states, position_ids[0, : target_hidden_states.shape[1]]))
-        return forward(input_ids, target_hidden_states, position_ids, **kwargs)
+        return backbone(input_ids, target_hidden_states, position_ids, **kwargs)
 
-    monkeypatch.setattr(drafter, "forward", recording_forward)
+    monkeypatch.setattr(drafter, "backbone", recording_backbone)
     spy = DraftSpy(drafter, monkeypatch)
     first = target.generate(
         random_prompt(12, seed=9), assistant_model=drafter, do_sample=False, max_new_tokens=30
@@ -381,6 +381,33 @@ SIGNIFICANCE = 1e-3
 def test_sampling_matches_the_exact_target_distribution():
     target, drafter = sampling_setup()
     assert sampled_continuation_p_value(target, drafter, SAMPLES) > SIGNIFICANCE
+
+
+def test_sampling_with_a_draft_sub_vocabulary_matches_the_exact_target_distribution():
+    """Drafting among 3 of 5 tokens: the draft distribution is zero elsewhere; verification stays exact."""
+    target, drafter = sampling_setup()
+    drafter.set_draft_vocab([0, 2, 3])
+    assert sampled_continuation_p_value(target, drafter, SAMPLES) > SIGNIFICANCE
+
+
+def test_greedy_with_a_draft_sub_vocabulary_is_identical_and_drafts_only_from_it(monkeypatch):
+    target, successor = tiny_target("llama", successor_scale=SUCCESSOR_SCALE)
+    drafter = tiny_drafter(target, "gated", successor)
+    sub_vocab = torch.arange(0, VOCAB, 2)  # half of the tokens: the target often needs the other half
+    drafter.set_draft_vocab(sub_vocab)
+    spy = DraftSpy(drafter, monkeypatch)
+    accepted = 0
+    for i, ids in enumerate(prompts(6, seed=3)):
+        reference = target.generate(ids, do_sample=False, max_new_tokens=32)
+        out = target.generate(ids, assistant_model=drafter, do_sample=False, max_new_tokens=32)
+        assert torch.equal(out, reference), f"prompt {i} diverged"
+        accepted += sum(drafter.last_stats.accepted)
+    drafted = torch.cat([tokens for _, tokens in spy.drafts])
+    assert torch.isin(drafted, sub_vocab).all()
+    for _, out, _ in spy.calls:  # the reported scores exclude the other tokens
+        for score in out.scores:
+            assert torch.isinf(score[0, 1::2]).all() and torch.isfinite(score[0, ::2]).all()
+    assert accepted > 0
 
 
 def test_sampling_test_catches_misreported_draft_logits(monkeypatch):
