@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 
 from .benchmarking import encode_chat_prompt, run_interleaved, summarize, timed_generate
 from .data import build_dataset, load_prompts, load_reference_train_rows
+from .draft_vocab import frequency_ranked_vocab
 from .modeling_dspark import DSparkForCausalLM
 from .reference_target import load_reference_target
 from .trainer import DSparkTrainer
@@ -37,6 +38,8 @@ class QuickstartOptions:
     block_size: int = 7
     markov_rank: int = 128
     markov_head_type: str = "vanilla"
+    # drafting over the most frequent tokens of the training answers (0: the full vocabulary)
+    draft_vocab_size: int = 8192
     # training
     max_steps: int = 300
     max_train_minutes: float = 12.0
@@ -102,6 +105,15 @@ def train_drafter(target, tokenizer, options: QuickstartOptions) -> DSparkForCau
     )
     trainer.train()
     drafter = trainer.model.eval()
+    if options.draft_vocab_size:
+        drafter.set_draft_vocab(
+            frequency_ranked_vocab(
+                dataset["input_ids"],
+                options.draft_vocab_size,
+                loss_masks=dataset["loss_mask"],
+                always_include=[tokenizer.eos_token_id],
+            )
+        )
     drafter.save_pretrained(
         Path(options.output_dir) / "drafter",
         training_info={
