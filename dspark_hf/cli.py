@@ -284,6 +284,123 @@ def _add_quickstart_command(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _add_calibrate_command(subparsers) -> None:
+    def run(args: argparse.Namespace) -> None:
+        from pathlib import Path
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .benchmarking import encode_chat_prompt
+        from .convert import detect_layout
+        from .data import load_prompts
+        from .modeling_dspark import DSparkForCausalLM
+        from .reference_target import load_reference_target
+        from .scheduling import (
+            calibrate_sts,
+            format_calibration_table,
+            profile_cost,
+            record_calibration_rounds,
+        )
+
+        output_dir = Path(args.output_dir or args.drafter)
+        in_place = output_dir.resolve() == Path(args.drafter).resolve()
+        try:
+            layout = detect_layout(args.drafter)
+        except ValueError as err:
+            raise SystemExit(f"dspark calibrate: {err}") from err
+        if in_place and layout == "deepspec":
+            raise SystemExit(
+                "dspark calibrate: the drafter folder is in DeepSpec's layout, which has no place for the "
+                "calibration; pass --output-dir to save a native copy."
+            )
+        if args.prompts_per_set < 1:
+            raise SystemExit("dspark calibrate: --prompts-per-set must be >= 1.")
+        if args.target is None:
+            target, tokenizer = load_reference_target()
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(args.target)
+            target = AutoModelForCausalLM.from_pretrained(args.target, dtype="auto").eval()
+        drafter = DSparkForCausalLM.from_pretrained(args.drafter).eval()
+
+        # The last rows of each eval set: the quickstart and the benchmarks evaluate on the first ones.
+        prompts = [
+            text
+            for name in ("gsm8k", "mt-bench")
+            for text in load_prompts(name, "eval")[-args.prompts_per_set :]
+        ]
+        drafter.attach_target(target)
+        rounds = record_calibration_rounds(
+            target,
+            drafter,
+            [encode_chat_prompt(tokenizer, prompt) for prompt in prompts],
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample,
+            seed=args.seed,
+        )
+        drafter.detach_target()
+        try:
+            temperatures = calibrate_sts(rounds, num_positions=drafter.config.block_size)
+        except ValueError as err:
+            raise SystemExit(f"dspark calibrate: {err}") from err
+        mode = "sampling at temperature 1" if args.do_sample else "greedy decoding"
+        print(
+            f"{len(rounds)} rounds of {mode}, full block verified, on the last {args.prompts_per_set} GSM8K "
+            f"and the last {args.prompts_per_set} MT-Bench eval prompts; prefix survival a_k raw -> STS:"
+        )
+        print(format_calibration_table(rounds, temperatures))
+        drafter.config.confidence_temperatures = temperatures
+        if args.profile_cost:
+            profile = profile_cost(
+                target, max_tokens=drafter.config.block_size + 1, context_length=args.profile_context_length
+            )
+            drafter.set_cost_profile(profile)
+            milliseconds = ", ".join(f"{1000 * s:.1f}" for s in profile.seconds_per_step)
+            print(f"target forward time for 1..{profile.max_tokens} tokens (ms): {milliseconds}")
+        if (
+            in_place
+        ):  # the weights did not change; rewriting them would replace the files they are mapped from
+            drafter.config.save_pretrained(output_dir)
+        else:
+            drafter.save_pretrained(output_dir)
+        print(f"Saved the calibrated drafter config to {output_dir / 'config.json'}.")
+
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="Fit the confidence head's per-position temperatures (sequential temperature scaling) on "
+        "held-out prompts, and optionally profile the target's cost for confidence scheduling.",
+    )
+    parser.add_argument("drafter", help="Drafter folder; its config is updated in place unless --output-dir.")
+    parser.add_argument(
+        "--target",
+        help="Target model folder or Hub id (default: the offline SmolLM2-135M-Instruct reference target).",
+    )
+    parser.add_argument(
+        "--prompts-per-set",
+        type=int,
+        default=8,
+        help="Held-out prompts taken from the end of the GSM8K and of the MT-Bench eval sets each.",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="Tokens generated per prompt.")
+    parser.add_argument(
+        "--do-sample",
+        action="store_true",
+        help="Record rounds of sampling at temperature 1 instead of greedy decoding (calibrate for the "
+        "decoding mode you serve).",
+    )
+    parser.add_argument(
+        "--profile-cost",
+        action="store_true",
+        help="Also time the target's forward for 1..block_size+1 tokens on this machine and store the "
+        "profile in the config (needed by generation_config.confidence_scheduling).",
+    )
+    parser.add_argument(
+        "--profile-context-length", type=int, default=256, help="Cached tokens while profiling the target."
+    )
+    parser.add_argument("--output-dir", help="Save the calibrated drafter here instead of in place.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=run)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="dspark", description="DSpark speculative decoding for transformers."
@@ -294,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_convert_command(subparsers)
     _add_train_command(subparsers)
     _add_quickstart_command(subparsers)
+    _add_calibrate_command(subparsers)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -82,6 +82,10 @@ class DSparkConfig(PreTrainedConfig):
     draft_vocab_size (`int`, *optional*): when set, drafting proposes only tokens of a frequency-ranked
         sub-vocabulary of this size (the `draft_vocab_ids` buffer), which makes the LM head and the Markov
         steps several times cheaper. Verification is unchanged, so decoding stays lossless.
+    target_cost_profile (`dict`, *optional*): the target's forward time per number of verified tokens on the
+        serving machine (a `dspark_hf.scheduling.CostProfile` as a dict, set by `set_cost_profile` or
+        `dspark calibrate --profile-cost`), which confidence scheduling weighs expected accepts against.
+        Machine-specific: re-profile on other hardware.
     """
 
     model_type = "dspark"
@@ -114,6 +118,7 @@ class DSparkConfig(PreTrainedConfig):
     confidence_head_with_markov: bool = True
     confidence_temperatures: list[float] | None = None
     draft_vocab_size: int | None = None
+    target_cost_profile: dict[str, Any] | None = None
 
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -169,6 +174,13 @@ class DSparkConfig(PreTrainedConfig):
             raise ValueError(
                 f"confidence_temperatures must hold {self.block_size} positive values, got {temperatures}."
             )
+        if self.target_cost_profile is not None:
+            from .scheduling import CostProfile
+
+            try:
+                CostProfile(**self.target_cost_profile)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"target_cost_profile is not a valid CostProfile: {err}") from err
 
     @property
     def num_features(self) -> int:
@@ -241,7 +253,13 @@ class DSparkConfig(PreTrainedConfig):
         return out
 
 
-_NATIVE_ONLY_FIELDS = ("confidence_temperatures", "target_model_name_or_path", "auto_map", "draft_vocab_size")
+_NATIVE_ONLY_FIELDS = (
+    "confidence_temperatures",
+    "target_model_name_or_path",
+    "auto_map",
+    "draft_vocab_size",
+    "target_cost_profile",
+)
 
 
 def deepspec_to_native_dict(config_dict: dict[str, Any]) -> dict[str, Any]:

@@ -11,8 +11,9 @@ block is one backbone forward followed by a cheap left-to-right loop of the Mark
 from __future__ import annotations
 
 import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,8 @@ from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList
 from transformers.utils import logging
+
+from .scheduling import CalibrationRound, CausalPrefixScheduler, CostProfile, apply_temperatures
 
 if TYPE_CHECKING:
     from .modeling_dspark import DSparkContextCache
@@ -63,6 +66,8 @@ class DSparkGenerationStats:
         a token at k and accepted every token before it (NaN where never reached).
     draft_time_s: wall time spent in the drafter, prefill round included.
     other_time_s: the rest, from the first drafting call to the end of the last target forward.
+    confidence_logits: per round, the raw confidence logits (before `confidence_temperatures`) of the drafted
+        positions, when `drafter.generation_config.record_confidence` was on; None otherwise.
     """
 
     rounds: int
@@ -72,6 +77,21 @@ class DSparkGenerationStats:
     conditional_acceptance: list[float]
     draft_time_s: float
     other_time_s: float
+    confidence_logits: list[list[float]] | None = None
+
+    def calibration_rounds(self) -> list[CalibrationRound]:
+        """The recorded rounds as calibration data for `dspark_hf.scheduling.calibrate_sts`, skipping rounds
+        that verified no draft. Record them with the full block verified (no threshold, no scheduling)."""
+        if self.confidence_logits is None:
+            raise ValueError(
+                "No confidence logits were recorded: set "
+                "`drafter.generation_config.record_confidence = True` before generating."
+            )
+        return [
+            CalibrationRound(torch.tensor(logits), accepted)
+            for logits, accepted in zip(self.confidence_logits, self.accepted)
+            if logits
+        ]
 
 
 def _decoder_layers(target: nn.Module) -> nn.ModuleList:
@@ -96,25 +116,33 @@ class _RoundLog:
 
     Before every verification forward the target cache holds all committed tokens but the last, so its length
     gives the committed length; after the last round it is cropped to the final length minus one. The cache is
-    held until `close()` (the next generation or `detach_target`) to read that final length.
+    held until `close()` (the next generation or `detach_target`) to read that final length. With
+    `record_confidence`, the confidence logits the drafter leaves in `pending_confidence` are filed under the
+    round whose forward verifies them.
     """
 
-    def __init__(self, generation_key: object):
+    def __init__(self, generation_key: object, record_confidence: bool = False):
         self.generation_key = generation_key
         self.prefilled = False
         self.cache = None
         self.final_length: int | None = None
         self.committed: list[int] = []
         self.drafted: list[int] = []
+        self.confidence_logits: list[list[float]] | None = [] if record_confidence else None
+        self.pending_confidence: list[float] = []
         self.draft_time = 0.0
         self.start_time = self.end_time = time.perf_counter()
 
     def on_forward(self, cache: Any, past_length: int, num_inputs: int) -> None:
         if not self.prefilled:  # the prefill forward of this generation
             self.prefilled, self.cache = True, cache
+            self.pending_confidence = []
         elif cache is not None and cache is self.cache:
             self.committed.append(past_length + 1)
             self.drafted.append(num_inputs - 1)
+            if self.confidence_logits is not None:
+                self.confidence_logits.append(self.pending_confidence)
+            self.pending_confidence = []
 
     def on_forward_end(self, cache: Any) -> None:
         if cache is not None and cache is self.cache:
@@ -144,6 +172,9 @@ class _RoundLog:
             conditional_acceptance=conditional,
             draft_time_s=self.draft_time,
             other_time_s=max(self.end_time - self.start_time - self.draft_time, 0.0),
+            confidence_logits=None
+            if self.confidence_logits is None
+            else [list(r) for r in self.confidence_logits],
         )
 
 
@@ -243,8 +274,25 @@ class DSparkGenerationMixin(GenerationMixin):
     print(drafter.last_stats.tau)
     ```
     Greedy decoding and sampling are both lossless: the target verifies every draft, and `generate` reports
-    the exact logits each draft token was drawn from. `drafter.generation_config.confidence_threshold`
-    (default 0, off) ends a block at the first position whose calibrated confidence falls below it.
+    the exact logits each draft token was drawn from.
+
+    How many drafts a block offers for verification is set on `drafter.generation_config` (per session: a
+    generation config derived from the model config does not keep custom fields across `save_pretrained`):
+
+    - `confidence_threshold` (default 0, off): end the block before the first position k >= 2 whose calibrated
+      confidence c_k falls below it;
+    - `confidence_scheduling` (default False): DSpark's hardware-aware scheduler. With a_j = c_1 x ... x c_j
+      the prefix survival and T(B) the target's seconds per forward over B tokens, draft j is offered while
+      it raises the expected throughput (1 + a_1 + ... + a_j) / T(1 + j), decided position by position from
+      a_1..a_j only (`dspark_hf.scheduling.CausalPrefixScheduler`), which keeps sampling lossless. T comes
+      from the cost profile stored in the config (`set_cost_profile`, saved with the drafter). Both rules
+      compose: the block ends at the first refusal of either. The first draft is always offered, because
+      assisted generation cannot verify an empty draft; when the scheduler finds even it not worth its
+      cost, the block is that one draft.
+    - `record_confidence` (default False): keep the raw confidence logits of every drafted position per round
+      in `last_stats.confidence_logits`, the data `dspark_hf.scheduling.calibrate_sts` fits temperatures on.
+
+    Confidences are calibrated by `config.confidence_temperatures` when set (see `dspark calibrate`).
     """
 
     _target_tap: _TargetTap | None = None
@@ -287,6 +335,20 @@ class DSparkGenerationMixin(GenerationMixin):
             self._round_log.close()
         self._target_tap = None
         self._draft_context = None
+
+    @property
+    def cost_profile(self) -> CostProfile | None:
+        """The target's verification cost that confidence scheduling uses (None until set)."""
+        stored = self.config.target_cost_profile
+        return None if stored is None else CostProfile(**stored)
+
+    def set_cost_profile(self, profile: CostProfile | str | os.PathLike | None) -> None:
+        """Store a target cost profile (from `dspark_hf.scheduling.profile_cost`, or the JSON file it was
+        saved to) in the config, so it is measured once per machine and saved with the drafter; None removes
+        it."""
+        if profile is not None and not isinstance(profile, CostProfile):
+            profile = CostProfile.load(profile)
+        self.config.target_cost_profile = None if profile is None else asdict(profile)
 
     @property
     def last_stats(self) -> DSparkGenerationStats | None:
@@ -336,18 +398,14 @@ class DSparkGenerationMixin(GenerationMixin):
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("DSpark drafting does not support padded inputs; pass the unpadded sequence.")
         generation_config = self.generation_config if generation_config is None else generation_config
-        threshold = float(getattr(self.generation_config, "confidence_threshold", None) or 0.0)
-        if not 0.0 <= threshold < 1.0:
-            raise ValueError(f"generation_config.confidence_threshold must be in [0, 1), got {threshold}.")
-        if threshold > 0 and self.confidence_head is None:
-            raise ValueError("confidence_threshold > 0 needs a drafter with a confidence head.")
+        threshold, scheduler, record = self._verification_options()
 
         start_time = time.perf_counter()
         if self._round_log is None or self._round_log.generation_key is not generation_config:
             # Assisted generation passes the same config object every round, a new copy per `generate` call.
             if self._round_log is not None:
                 self._round_log.close()
-            self._round_log = _RoundLog(generation_config)
+            self._round_log = _RoundLog(generation_config, record_confidence=record)
             tap.rounds = self._round_log
         block_size = self.config.block_size
         limit = block_size if max_new_tokens is None else min(max_new_tokens, block_size)
@@ -364,6 +422,7 @@ class DSparkGenerationMixin(GenerationMixin):
             sequences = input_ids.new_empty(1, input_ids.shape[1] + num_tokens)
             sequences[:, : input_ids.shape[1]] = input_ids
             hidden, logits = self._block_forward(input_ids, features, positions)
+            confidence_log = [] if record else None
             scores = self._pick_block_tokens(
                 sequences,
                 num_tokens,
@@ -374,12 +433,42 @@ class DSparkGenerationMixin(GenerationMixin):
                 eos_token_id=generation_config.eos_token_id,
                 min_new_tokens=min_new_tokens or 0,
                 threshold=threshold,
+                scheduler=scheduler,
+                confidence_log=confidence_log,
             )
             sequences = sequences[:, : input_ids.shape[1] + len(scores)]
+            if record:
+                self._round_log.pending_confidence = confidence_log
         self._round_log.draft_time += time.perf_counter() - start_time
         if not generation_config.return_dict_in_generate:
             return sequences
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores)
+
+    def _verification_options(self) -> tuple[float, CausalPrefixScheduler | None, bool]:
+        """The confidence threshold, a fresh scheduler (None when scheduling is off) and whether to record
+        confidences, read from `self.generation_config` and validated."""
+        options = self.generation_config
+        threshold = float(getattr(options, "confidence_threshold", None) or 0.0)
+        scheduling = bool(getattr(options, "confidence_scheduling", False))
+        record = bool(getattr(options, "record_confidence", False))
+        if not 0.0 <= threshold < 1.0:
+            raise ValueError(f"generation_config.confidence_threshold must be in [0, 1), got {threshold}.")
+        if self.confidence_head is None and (threshold > 0 or scheduling or record):
+            raise ValueError(
+                "confidence_threshold > 0, confidence_scheduling and record_confidence need a drafter with a "
+                "confidence head (config.enable_confidence_head)."
+            )
+        scheduler = None
+        if scheduling:
+            profile = self.cost_profile
+            if profile is None:
+                raise ValueError(
+                    "confidence_scheduling needs the target's cost profile: "
+                    "`drafter.set_cost_profile(dspark_hf.scheduling.profile_cost(target))`, or run "
+                    "`dspark calibrate --profile-cost` on the drafter folder."
+                )
+            scheduler = CausalPrefixScheduler(seconds_per_step=profile)
+        return threshold, scheduler, record
 
     def _sync_context(self, sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """The captured target features of newly committed positions, their positions, and whether the context
@@ -466,14 +555,18 @@ class DSparkGenerationMixin(GenerationMixin):
         eos_token_id: int | list[int] | None,
         min_new_tokens: int,
         threshold: float,
+        scheduler: CausalPrefixScheduler | None = None,
+        confidence_log: list[float] | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """The sequential stage: write up to `num_tokens` draft tokens into the tail of `sequences`.
 
         Position k's logits are the base logits plus the Markov bias given token k-1 (-inf outside the draft
         sub-vocabulary, if any), then the processors; the returned scores are exactly those logits, over the
-        full vocabulary. A block ends early after EOS or, with a confidence
-        threshold, before the first position k >= 1 whose confidence falls below it (decided from tokens < k
-        only).
+        full vocabulary. A block ends early after EOS, or before the first position k >= 1 that the
+        confidence threshold or the `scheduler` refuses; both decide from the calibrated confidences of
+        positions <= k, which depend on tokens < k only. A scheduler refusal at position 0 keeps that one
+        draft (an empty draft cannot be verified). `confidence_log` receives the raw confidence logit of every
+        drafted position.
         """
         length = sequences.shape[1] - num_tokens
         eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
@@ -482,15 +575,22 @@ class DSparkGenerationMixin(GenerationMixin):
         weights = self._drafting_weights()
         prev = sequences[0, length - 1 : length]
         state = None if head is None else head.init_state(hidden[:1])
+        use_confidence = threshold > 0 or scheduler is not None or confidence_log is not None
         scores = []
         for k in range(num_tokens):
             hidden_k = hidden[k : k + 1]
-            if threshold > 0 and k > 0:
+            last = False
+            if use_confidence:
                 confidence_logit = self.confidence(hidden_k, prev)
-                if temperatures is not None:
-                    confidence_logit = confidence_logit / temperatures[k]
-                if torch.sigmoid(confidence_logit).item() < threshold:
+                confidence = apply_temperatures(confidence_logit, temperatures, start=k).sigmoid().item()
+                verify = (k == 0 or confidence >= threshold) and (
+                    scheduler is None or scheduler.admit_confidence(confidence)
+                )
+                if not verify and k > 0:
                     break
+                last = not verify
+                if confidence_log is not None:
+                    confidence_log.append(confidence_logit.item())
             row = logits[k : k + 1]
             if head is not None:
                 latent, state = head.latent(head.prev_embeddings(prev), hidden_k, state)
@@ -506,7 +606,7 @@ class DSparkGenerationMixin(GenerationMixin):
             sequences[0, length + k] = token[0]
             scores.append(row)
             prev = sequences[0, length + k : length + k + 1]
-            if eos_ids and int(token) in eos_ids:
+            if last or (eos_ids and int(token) in eos_ids):
                 break
         return tuple(scores)
 

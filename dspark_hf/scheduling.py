@@ -13,9 +13,10 @@ tokens). This module holds:
   in the tests);
 - the target cost model: `profile_cost` measures the target's forward time for 1..N new tokens once per
   machine and returns a `CostProfile` that saves to a small JSON;
-- Sequential Temperature Scaling (`calibrate_sts`, `apply_temperatures`, `survival_probabilities`) and the
-  calibration metrics a benchmark reports per block position (`expected_calibration_error`, `auroc`,
-  `brier_score`, `reliability_diagram`, `calibration_report`).
+- Sequential Temperature Scaling (`record_calibration_rounds`, `calibrate_sts`, `apply_temperatures`,
+  `survival_probabilities`) and the calibration metrics a benchmark reports per block position
+  (`expected_calibration_error`, `auroc`, `brier_score`, `calibration_report`, `format_calibration_table`,
+  `survival_outcomes`, `reliability_diagram`).
 
 Cost curves: wherever one is taken, pass either `cost_curve` (steps per second, SPS) or the keyword
 `seconds_per_step` (its reciprocal), as a `CostProfile`, a callable `B -> value` or a sequence whose
@@ -25,6 +26,7 @@ token budget: a schedule never uses more tokens than it covers.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -179,8 +181,8 @@ def profile_cost(
     for samples in timings:
         running_max = max(running_max, statistics.median(samples))
         seconds.append(running_max)
+    # No host name: the profile is stored in the drafter's config, which may be published.
     metadata = {
-        "machine": platform.node(),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
@@ -450,6 +452,57 @@ def _round_table(
     return logits, survived, mask
 
 
+@torch.no_grad()
+def record_calibration_rounds(
+    target: torch.nn.Module,
+    drafter: torch.nn.Module,
+    prompts: Iterable[torch.Tensor],
+    *,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> list[CalibrationRound]:
+    """Generate with `target.generate(assistant_model=drafter)` on `prompts` ([1, L] input ids each) with the
+    full block verified, and return every round's raw confidence logits and accepted length.
+
+    The drafter (a `DSparkForCausalLM` attached to `target`) runs with confidence threshold and scheduling off
+    and a constant block meanwhile, since a truncated block would only show positions whose confidence was
+    already high; its generation config is restored afterwards. Calibrate in the decoding mode you serve:
+    greedy acceptance (argmax match) and sampled acceptance (temperature 1 here) differ.
+    """
+    options = drafter.generation_config
+    full_block = copy.deepcopy(options)
+    for name, value in {
+        "confidence_threshold": 0.0,
+        "confidence_scheduling": False,
+        "record_confidence": True,
+        "num_assistant_tokens": drafter.config.block_size,
+        "num_assistant_tokens_schedule": "constant",
+    }.items():
+        setattr(full_block, name, value)
+    sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0} if do_sample else {}
+    device = next(target.parameters()).device
+    rounds: list[CalibrationRound] = []
+    torch.manual_seed(seed)
+    drafter.generation_config = full_block
+    try:
+        for input_ids in tqdm(prompts, desc="recording rounds", unit="prompt", disable=not show_progress):
+            input_ids = input_ids.to(device)
+            target.generate(
+                input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                assistant_model=drafter,
+                do_sample=do_sample,
+                max_new_tokens=max_new_tokens,
+                **sampling,
+            )
+            rounds.extend(drafter.last_stats.calibration_rounds())
+    finally:
+        drafter.generation_config = options
+    return rounds
+
+
 def calibrate_sts(
     rounds: Iterable[CalibrationRound | tuple[Any, int]],
     grid: Sequence[float] = DEFAULT_STS_GRID,
@@ -586,6 +639,55 @@ def calibration_report(
             }
         )
     return report
+
+
+def survival_outcomes(
+    rounds: Iterable[CalibrationRound | tuple[Any, int]],
+    temperatures: Sequence[float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted a_k and observed 1[accepted >= k] of every verified (round, position), pooled over positions
+    (e.g. for `reliability_diagram`), with `temperatures` applied (None = raw)."""
+    logits, survived, mask = _round_table(rounds)
+    return survival_probabilities(logits, temperatures)[mask], survived[mask]
+
+
+def format_calibration_table(
+    rounds: Iterable[CalibrationRound | tuple[Any, int]],
+    temperatures: Sequence[float],
+    *,
+    n_bins: int = 10,
+) -> str:
+    """A text table of the raw vs the `temperatures`-calibrated survival a_k per block position and pooled
+    over all verified positions: rounds, observed survival, then ECE, AUROC and Brier as raw -> calibrated."""
+    rounds = list(rounds)
+    metrics = {"ece": "ECE", "auroc": "AUROC", "brier": "Brier"}
+    reports = [calibration_report(rounds, t, n_bins=n_bins) for t in (None, temperatures)]
+    rows = [
+        (str(raw["position"]), f"{temperatures[raw['position'] - 1]:.2f}", raw, calibrated)
+        for raw, calibrated in zip(*reports)
+    ]
+    pooled = []
+    for t in (None, temperatures):
+        probs, labels = survival_outcomes(rounds, t)
+        pooled.append(
+            {
+                "count": labels.numel(),
+                "observed_survival": float(labels.double().mean()),
+                "ece": expected_calibration_error(probs, labels, n_bins),
+                "auroc": auroc(probs, labels),
+                "brier": brier_score(probs, labels),
+            }
+        )
+    rows.append(("all", "", *pooled))
+    lines = [
+        f"{'pos':>3}  {'T':>5}  {'rounds':>6}  {'survived':>8}"
+        + "".join(f"  {name:^14}" for name in metrics.values())
+    ]
+    for position, temperature, before, after in rows:
+        cells = "".join(f"  {before[m]:>5.3f} -> {after[m]:<5.3f}" for m in metrics)
+        observed = before["observed_survival"]
+        lines.append(f"{position:>3}  {temperature:>5}  {before['count']:>6}  {observed:>8.3f}{cells}")
+    return "\n".join(lines)
 
 
 def reliability_diagram(

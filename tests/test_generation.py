@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCau
 from dspark_hf import DSparkConfig, DSparkForCausalLM
 from dspark_hf.generation import check_transformers_version
 from dspark_hf.heads import GatedMarkovHead, RNNMarkovHead
+from dspark_hf.scheduling import CausalPrefixScheduler, CostProfile, record_calibration_rounds
 
 VOCAB, HIDDEN, TARGET_LAYERS = 64, 64, 4
 LAYER_IDS = [-1, 1, 2]
@@ -476,3 +477,224 @@ def test_unsupported_transformers_versions_are_refused(version):
         check_transformers_version(version)
     check_transformers_version("5.23.0")
     check_transformers_version()  # the installed version is supported
+
+
+# ---- confidence scheduling and calibration recording -----------------------------------------------------
+
+
+def with_cost(drafter, seconds_per_step, **options):
+    """Scheduling on, with a hand-made target cost profile; other generation options set as given."""
+    drafter.set_cost_profile(CostProfile(seconds_per_step=list(seconds_per_step)))
+    drafter.generation_config.confidence_scheduling = True
+    for name, value in options.items():
+        setattr(drafter.generation_config, name, value)
+    return drafter
+
+
+def scheduled_length(confidences, seconds_per_step, threshold: float, limit: int) -> int:
+    """The drafted length the causal rules give for calibrated confidences c_1..c_limit: stop before the first
+    refusal of either the threshold (from position 2) or the scheduler; the first draft is always kept."""
+    scheduler = CausalPrefixScheduler(seconds_per_step=seconds_per_step)
+    for k, confidence in enumerate(confidences[:limit]):
+        if not ((k == 0 or confidence >= threshold) and scheduler.admit_confidence(confidence)):
+            return max(k, 1)
+    return limit
+
+
+SCHEDULED_SECONDS = [1.0 + 0.15 * b for b in range(BLOCK + 1)]  # T(B) = 1 + 0.15 (B - 1)
+
+
+@pytest.mark.parametrize("kind, head", [("llama", "rnn"), ("qwen3", "gated")])
+def test_greedy_with_confidence_scheduling_is_identical_and_follows_the_causal_rule(monkeypatch, kind, head):
+    """Every round drafts exactly the length the causal scheduler (composed with a threshold on every other
+    prompt) gives for the teacher-forced calibrated confidences; greedy outputs stay the target's own."""
+    target, successor = tiny_target(kind, successor_scale=SUCCESSOR_SCALE)
+    drafter = with_cost(tiny_drafter(target, head, successor), SCHEDULED_SECONDS)
+    temperatures = [1.0, 0.8, 1.3, 1.0, 2.0]
+    drafter.config.confidence_temperatures = temperatures
+    with torch.no_grad():
+        drafter.confidence_head.proj.weight.normal_(0.0, 0.3)
+    spy = DraftSpy(drafter, monkeypatch)
+    lengths = set()
+    for i, ids in enumerate(prompts(8, seed=11)):
+        threshold = 0.45 * (i % 2)
+        drafter.generation_config.confidence_threshold = threshold
+        spy.calls.clear()
+        out = target.generate(ids, assistant_model=drafter, do_sample=False, max_new_tokens=40)
+        assert torch.equal(out, target.generate(ids, do_sample=False, max_new_tokens=40)), f"prompt {i}"
+        with torch.no_grad():
+            features = target_features(target, out)
+            for input_ids, draft, kwargs in spy.calls[1:]:
+                anchor, drafted = input_ids.shape[1] - 1, draft.sequences[0, input_ids.shape[1] :]
+                block = torch.full((1, BLOCK), drafter.config.mask_token_id)
+                block[0, 0] = out[0, anchor]
+                prev = block.clone()
+                prev[0, 1 : 1 + len(drafted)] = drafted[: BLOCK - 1]
+                reference = drafter(
+                    input_ids=block,
+                    target_hidden_states=features[:, :anchor],
+                    position_ids=torch.arange(anchor + BLOCK)[None],
+                    prev_token_ids=prev,
+                )
+                confidences = torch.sigmoid(reference.confidence_logits[0] / torch.tensor(temperatures))
+                limit = min(kwargs["max_new_tokens"], BLOCK)
+                expected = scheduled_length(confidences.tolist(), SCHEDULED_SECONDS, threshold, limit)
+                assert len(drafted) == expected
+                if limit == BLOCK:
+                    lengths.add(len(drafted))
+    assert len(lengths) >= 3, f"the scheduler should vary the block length, got only {lengths}"
+
+
+def logit(probability: float) -> float:
+    return math.log(probability / (1 - probability))
+
+
+def test_scheduling_never_looks_at_the_next_confidence(monkeypatch):
+    """Appendix A's case in the drafter: SPS(1..3) = 1, 0.5, 0.42 (a profile covering two drafts at most) and
+    c_1 = 0.8. Verifying x_1 alone lowers the throughput (1.8 x 0.5 < 1), so the causal scheduler refuses it
+    whatever c_2 is; a search that also saw a_2 would verify both drafts when c_2 = 0.9 ((1 + 0.8 + 0.72) x
+    0.42 > 1) and none when c_2 = 0.55 ((1 + 0.8 + 0.44) x 0.42 < 1). The drafter must not tell them apart:
+    it offers x_1 alone (assisted generation cannot verify an empty draft) in both cases."""
+    target, successor = tiny_target("llama", successor_scale=SUCCESSOR_SCALE)
+    sps = [1.0, 0.5, 0.42]
+    drafter = with_cost(tiny_drafter(target, "vanilla", successor), [1 / s for s in sps])
+    with torch.no_grad():  # every confidence logit is logit(c_1); the temperatures then set each c_k
+        drafter.confidence_head.proj.weight.zero_()
+        drafter.confidence_head.proj.bias.fill_(logit(0.8))
+    spy = DraftSpy(drafter, monkeypatch)
+    ids = random_prompt(12, seed=4)
+    reference = target.generate(ids, do_sample=False, max_new_tokens=24)
+    drafted, retrospective = [], []
+    for c_2 in (0.9, 0.55):
+        drafter.config.confidence_temperatures = [1.0, logit(0.8) / logit(c_2), 1.0, 1.0, 1.0]
+        survival = [0.8, 0.8 * c_2]
+        retrospective.append(max(range(3), key=lambda n: (1 + sum(survival[:n])) * sps[n]))
+        spy.calls.clear()
+        out = target.generate(ids, assistant_model=drafter, do_sample=False, max_new_tokens=24)
+        assert torch.equal(out, reference)
+        drafted.append([len(tokens) for _, tokens in spy.drafts])
+    assert retrospective == [2, 0]
+    assert drafted[0] == drafted[1] and set(drafted[0]) == {1}
+
+
+def test_sampling_with_confidence_scheduling_matches_the_exact_target_distribution(monkeypatch):
+    target, drafter = sampling_setup()
+    with torch.no_grad():  # confidences that depend on the previous token only, strongly
+        weight = drafter.confidence_head.proj.weight
+        weight.zero_()
+        weight[:, drafter.config.hidden_size :].normal_(0.0, 1.5)
+        drafter.confidence_head.proj.bias.fill_(1.0)
+    with_cost(drafter, [1.0, 1.25, 1.5, 1.75])
+    spy = DraftSpy(drafter, monkeypatch)
+    assert sampled_continuation_p_value(target, drafter, SAMPLES) > SIGNIFICANCE
+    full = [
+        len(tokens)
+        for (_, _, kwargs), (_, tokens) in zip(spy.calls, spy.drafts)
+        if kwargs["max_new_tokens"] >= 3
+    ]
+    assert {1, 2, 3} <= set(full), "the scheduler should end blocks at every length"
+
+
+def test_recorded_confidences_are_the_raw_logits_of_the_verified_drafts(monkeypatch):
+    """With `record_confidence`, each round keeps the raw (uncalibrated) confidence logits of exactly the
+    drafts it verified, even when a threshold cuts blocks; `calibration_rounds` pairs them with the accepted
+    length."""
+    target, successor = tiny_target("qwen3", successor_scale=SUCCESSOR_SCALE)
+    drafter = tiny_drafter(target, "rnn", successor)
+    drafter.config.confidence_temperatures = [1.0, 0.8, 1.3, 1.0, 2.0]
+    drafter.generation_config.confidence_threshold = 0.5
+    drafter.generation_config.record_confidence = True
+    with torch.no_grad():
+        drafter.confidence_head.proj.weight.normal_(0.0, 0.2)
+    spy = DraftSpy(drafter, monkeypatch)
+    out = target.generate(
+        random_prompt(12, seed=7), assistant_model=drafter, do_sample=False, max_new_tokens=48
+    )
+    stats = drafter.last_stats
+    assert [len(logits) for logits in stats.confidence_logits] == stats.drafted
+    assert len(spy.calls) - 1 == sum(d > 0 for d in stats.drafted)
+    assert any(0 < d < BLOCK for d in stats.drafted[:-2]), "the threshold should cut some blocks"
+    with torch.no_grad():
+        features = target_features(target, out)
+        # Drafting call i + 1 made the drafts of verification round i (call 0 drafts before the prefill).
+        for (input_ids, draft, _), logits in zip(spy.calls[1:], stats.confidence_logits):
+            anchor, drafted = input_ids.shape[1] - 1, draft.sequences[0, input_ids.shape[1] :]
+            prev = torch.full((1, BLOCK), drafter.config.mask_token_id)
+            prev[0, 0] = out[0, anchor]
+            prev[0, 1 : 1 + len(drafted)] = drafted[: BLOCK - 1]
+            reference = drafter(
+                input_ids=torch.cat(
+                    [prev[:, :1], prev.new_full((1, BLOCK - 1), drafter.config.mask_token_id)], 1
+                ),
+                target_hidden_states=features[:, :anchor],
+                position_ids=torch.arange(anchor + BLOCK)[None],
+                prev_token_ids=prev,
+            )
+            torch.testing.assert_close(
+                torch.tensor(logits), reference.confidence_logits[0, : len(drafted)], atol=1e-4, rtol=1e-4
+            )
+    rounds = stats.calibration_rounds()
+    expected = [(logits, a) for logits, a in zip(stats.confidence_logits, stats.accepted) if logits]
+    assert [(r.confidence_logits.tolist(), r.accepted_length) for r in rounds] == expected
+
+    drafter.generation_config.record_confidence = False
+    target.generate(random_prompt(10, seed=2), assistant_model=drafter, do_sample=False, max_new_tokens=8)
+    assert drafter.last_stats.confidence_logits is None
+    with pytest.raises(ValueError, match="record_confidence"):
+        drafter.last_stats.calibration_rounds()
+
+
+def test_record_calibration_rounds_verifies_full_blocks_and_restores_the_options():
+    target, successor = tiny_target("llama", successor_scale=SUCCESSOR_SCALE)
+    drafter = with_cost(
+        tiny_drafter(target, "vanilla", successor), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], confidence_threshold=0.9
+    )
+    drafter.generation_config.num_assistant_tokens = 2
+    options = drafter.generation_config
+    inputs = [random_prompt(8, seed=1), random_prompt(15, seed=2)]
+    rounds = record_calibration_rounds(target, drafter, inputs, max_new_tokens=30, show_progress=False)
+
+    assert drafter.generation_config is options
+    assert options.confidence_scheduling and options.num_assistant_tokens == 2
+    assert not getattr(options, "record_confidence", False)
+    stats = drafter.last_stats  # of the last prompt: every block was full until the length limit bound
+    assert stats.drafted[: -BLOCK - 1] == [BLOCK] * (stats.rounds - BLOCK - 1)
+    assert len(rounds) > 2 * 30 // (BLOCK + 1)
+    assert all(0 <= r.accepted_length <= len(r.confidence_logits) <= BLOCK for r in rounds)
+    assert sum(r.accepted_length for r in rounds) > 0
+
+
+def test_scheduling_options_are_validated(llama_and_drafter):
+    target, drafter = llama_and_drafter
+    ids = random_prompt(6, seed=0)
+    drafter.generation_config.confidence_scheduling = True
+    with pytest.raises(ValueError, match="cost profile"):
+        target.generate(ids, assistant_model=drafter, do_sample=False, max_new_tokens=4)
+    headless = DSparkForCausalLM.from_target(
+        target, num_hidden_layers=1, markov_rank=8, target_layer_ids=LAYER_IDS, enable_confidence_head=False
+    ).attach_target(target)
+    headless.set_cost_profile(CostProfile(seconds_per_step=[1.0, 1.1]))
+    for option in ("confidence_scheduling", "record_confidence"):
+        setattr(headless.generation_config, option, True)
+        with pytest.raises(ValueError, match="confidence head"):
+            target.generate(ids, assistant_model=headless, do_sample=False, max_new_tokens=4)
+        setattr(headless.generation_config, option, False)
+
+
+def test_cost_profile_is_saved_with_the_drafter_and_not_exported(tmp_path, llama_and_drafter):
+    _, drafter = llama_and_drafter
+    assert drafter.cost_profile is None
+    profile = CostProfile(
+        seconds_per_step=[0.01, 0.012, 0.015], context_length=64, metadata={"dtype": "float32"}
+    )
+    drafter.set_cost_profile(profile.save(tmp_path / "cost.json"))  # from the JSON file
+    assert drafter.cost_profile == profile
+    drafter.save_pretrained(tmp_path / "drafter")
+    assert DSparkForCausalLM.from_pretrained(tmp_path / "drafter").cost_profile == profile
+    assert "target_cost_profile" not in drafter.config.to_deepspec_dict()
+    drafter.set_cost_profile(None)
+    assert drafter.cost_profile is None
+    with pytest.raises(ValueError, match="target_cost_profile"):
+        DSparkConfig(
+            num_target_layers=4, target_layer_ids=[1], target_cost_profile={"seconds_per_step": [0.0]}
+        )

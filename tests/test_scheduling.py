@@ -18,9 +18,11 @@ from dspark_hf.scheduling import (
     calibrate_sts,
     calibration_report,
     expected_calibration_error,
+    format_calibration_table,
     prefix_schedule,
     profile_cost,
     reliability_diagram,
+    survival_outcomes,
     survival_probabilities,
 )
 
@@ -400,7 +402,7 @@ def test_profile_cost_on_a_tiny_model_and_json_round_trip(tmp_path):
     assert profile.max_tokens == 3 and profile.context_length == 8
     assert all(a <= b for a, b in zip(profile.seconds_per_step, profile.seconds_per_step[1:]))
     assert profile.sps(2) == pytest.approx(1 / profile.seconds_per_step[1])
-    assert {"machine", "torch_threads", "dtype", "date"} <= profile.metadata.keys()
+    assert {"platform", "torch_threads", "dtype", "date"} <= profile.metadata.keys()
     assert profile.metadata["dtype"] == "float32"
     with pytest.raises(ValueError):
         profile.sps(4)
@@ -410,3 +412,116 @@ def test_profile_cost_on_a_tiny_model_and_json_round_trip(tmp_path):
     assert prefix_schedule([[0.9, 0.8, 0.7]], profile).shape == (1,)
     with pytest.raises(ValueError, match="positive"):
         CostProfile(seconds_per_step=[0.1, 0.0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Calibration table and the `dspark calibrate` command
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_survival_outcomes_and_calibration_table():
+    rounds = [([2.0, 0.0, -1.0], 1), ([1.0, 1.0], 2), ([0.5], 0)]
+    temperatures = [1.0, 2.0, 0.5]
+    probs, labels = survival_outcomes(rounds)  # round by round, verified positions only
+    expected = [torch.sigmoid(torch.tensor(z, dtype=torch.float64)).cumprod(0) for z, _ in rounds]
+    torch.testing.assert_close(probs, torch.cat(expected))
+    assert labels.tolist() == [True, False, False, True, True, False]
+    calibrated, _ = survival_outcomes(rounds, temperatures)
+    torch.testing.assert_close(
+        calibrated[:3],
+        survival_probabilities(torch.tensor([2.0, 0.0, -1.0], dtype=torch.float64), temperatures),
+    )
+
+    table = [line.split() for line in format_calibration_table(rounds, temperatures, n_bins=5).splitlines()]
+    assert table[0] == ["pos", "T", "rounds", "survived", "ECE", "AUROC", "Brier"]
+    assert [row[:4] for row in table[1:]] == [
+        ["1", "1.00", "3", "0.667"],
+        ["2", "2.00", "2", "0.500"],
+        ["3", "0.50", "1", "0.000"],
+        ["all", "6", "0.500"] + table[-1][3:4],
+    ]
+    ece_before, ece_after = (expected_calibration_error(p, labels, 5) for p in (probs, calibrated))
+    assert table[-1][3:6] == [f"{ece_before:.3f}", "->", f"{ece_after:.3f}"]
+    brier_after = calibration_report(rounds, temperatures, n_bins=5)[1]["brier"]
+    assert table[2][-1] == f"{brier_after:.3f}"
+
+
+def chat_tokenizer(corpus: list[str]):
+    """A small byte-level BPE tokenizer with a ChatML template, trained in memory (no network)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    backend.train_from_iterator(corpus, trainer=trainer)
+    template = (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        chat_template=template,
+    )
+
+
+def test_dspark_calibrate_command(tmp_path, capsys):
+    """`dspark calibrate` on a tiny random target: fits and stores one temperature per block position and the
+    cost profile, rewriting only the drafter's config; a DeepSpec-layout folder is not rewritten in place."""
+    from dspark_hf import DSparkForCausalLM, export_deepspec
+    from dspark_hf.cli import main
+    from dspark_hf.data import load_prompts
+
+    torch.manual_seed(0)
+    tokenizer = chat_tokenizer(load_prompts("gsm8k", "eval")[-1:] + load_prompts("mt-bench", "eval")[-1:])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    target = LlamaForCausalLM(config).eval()
+    target.save_pretrained(tmp_path / "target")
+    tokenizer.save_pretrained(tmp_path / "target")
+    drafter = DSparkForCausalLM.from_target(target, num_hidden_layers=1, markov_rank=16, block_size=4)
+    drafter.save_pretrained(tmp_path / "drafter")
+    weights = (tmp_path / "drafter" / "model.safetensors").read_bytes()
+
+    args = ["calibrate", str(tmp_path / "drafter"), "--target", str(tmp_path / "target")]
+    args += [
+        "--prompts-per-set",
+        "1",
+        "--max-new-tokens",
+        "12",
+        "--profile-cost",
+        "--profile-context-length",
+        "16",
+    ]
+    main(args)
+    output = capsys.readouterr().out
+    calibrated = DSparkForCausalLM.from_pretrained(tmp_path / "drafter")
+    temperatures = calibrated.config.confidence_temperatures
+    assert len(temperatures) == 4 and min(temperatures) > 0
+    assert calibrated.cost_profile.max_tokens == 5 and calibrated.cost_profile.context_length == 16
+    assert (tmp_path / "drafter" / "model.safetensors").read_bytes() == weights
+    assert (
+        "ECE" in output and "AUROC" in output and "Brier" in output and "rounds of greedy decoding" in output
+    )
+    assert output.count(" -> ") >= 3 * 5  # positions 1..4 and "all", three metrics each
+
+    export_deepspec(calibrated, tmp_path / "deepspec")
+    with pytest.raises(SystemExit, match="--output-dir"):
+        main(["calibrate", str(tmp_path / "deepspec"), "--target", str(tmp_path / "target")])
