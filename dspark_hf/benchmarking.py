@@ -13,7 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .generation import _sequence_cache
 
 
 @dataclass
@@ -29,6 +32,8 @@ class PromptRun:
     accepted: list[int] = field(default_factory=list)
     drafted: list[int] = field(default_factory=list)
     draft_seconds: float = 0.0
+    target_forwards: int = 0
+    target_seconds: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -47,6 +52,7 @@ class MethodSummary:
     per_prompt_speedup: list[float]
     prompts: int
     new_tokens: int
+    target_time_share: float = math.nan
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -58,6 +64,54 @@ def encode_chat_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> torch
     return tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
     )["input_ids"]
+
+
+class ForwardLog:
+    """While active, records every forward of `model`: its cache length before the call, how many tokens it
+    was given, and the wall time spent inside it.
+
+    Every decoding method that verifies drafts (transformers' assisted generation, prompt lookup, DFlash)
+    runs one target forward per round on [last committed token, drafts], after cropping the target's cache
+    to all committed tokens but the last. So the target's forwards alone give each round's drafted and
+    accepted counts, whatever produced the drafts; plain decoding comes out as rounds of 0 drafts.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.calls: list[tuple[int, int]] = []  # (cache length before the forward, input tokens)
+        self.seconds = 0.0
+        self._started = 0.0
+        self._handles: list = []
+
+    def __enter__(self) -> ForwardLog:
+        self._handles = [
+            self.model.register_forward_pre_hook(self._before, with_kwargs=True),
+            self.model.register_forward_hook(self._after, with_kwargs=True),
+        ]
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        length = input_ids.shape[-1] if input_ids is not None else kwargs["inputs_embeds"].shape[-2]
+        cache = _sequence_cache(kwargs)
+        self.calls.append((cache.get_seq_length() if cache is not None else 0, length))
+        self._started = time.perf_counter()
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        self.seconds += time.perf_counter() - self._started
+
+    def rounds(self, final_length: int) -> tuple[list[int], list[int]]:
+        """Drafted and accepted tokens (bonus excluded) of each verification round, i.e. of every forward
+        after the prefill, for a batch-1 generation whose output has `final_length` tokens."""
+        committed = [past + 1 for past, _ in self.calls[1:]] + [final_length]
+        drafted = [tokens - 1 for _, tokens in self.calls[1:]]
+        accepted = [end - start - 1 for start, end in zip(committed, committed[1:])]
+        return drafted, accepted
 
 
 def timed_generate(
@@ -72,7 +126,8 @@ def timed_generate(
     assistant_model: PreTrainedModel | None = None,
     **generate_kwargs,
 ) -> PromptRun:
-    """Generate once and time it; with a DSpark assistant, also collect its drafting statistics."""
+    """Generate once and time it, logging the target's forwards. Drafted/accepted counts per round come from
+    the DSpark assistant's own statistics when it has them, otherwise from the target's forwards."""
     torch.manual_seed(seed)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, **generate_kwargs)
     if do_sample:
@@ -80,18 +135,27 @@ def timed_generate(
     if assistant_model is not None:
         kwargs["assistant_model"] = assistant_model
     attention_mask = torch.ones_like(input_ids)
-    start = time.perf_counter()
-    with torch.inference_mode():
+    with ForwardLog(target) as forwards, torch.inference_mode():
+        start = time.perf_counter()
         output = target.generate(input_ids, attention_mask=attention_mask, **kwargs)
-    seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
     new = output[0, input_ids.shape[1] :].tolist()
-    run = PromptRun(method, prompt_index, len(new), seconds, new)
+    run = PromptRun(
+        method,
+        prompt_index,
+        len(new),
+        seconds,
+        new,
+        target_forwards=len(forwards.calls),
+        target_seconds=forwards.seconds,
+    )
     stats = getattr(assistant_model, "last_stats", None)
     if stats is not None:
         run.rounds, run.accepted, run.drafted = stats.rounds, list(stats.accepted), list(stats.drafted)
         run.draft_seconds = stats.draft_time_s
-    elif generate_kwargs.get("prompt_lookup_num_tokens"):
-        run.rounds = 0  # transformers does not expose acceptance of prompt lookup
+    else:
+        run.drafted, run.accepted = forwards.rounds(output.shape[1])
+        run.rounds = len(run.accepted)
     return run
 
 
@@ -111,7 +175,10 @@ def conditional_acceptance(runs: Sequence[PromptRun], block_size: int) -> list[f
 def summarize(
     runs: Sequence[PromptRun], baseline: Sequence[PromptRun], block_size: int | None = None
 ) -> MethodSummary:
-    """Summarise `runs` of one method against `baseline` runs of the same prompts (matched by index)."""
+    """Summarise `runs` of one method against `baseline` runs of the same prompts (matched by index).
+
+    `draft_time_share` is the drafter's own measured time over the total (NaN when no run measured one);
+    `target_time_share` the time inside target forwards over the total."""
     base = {r.prompt_index: r for r in baseline}
     ratios = [r.tokens_per_s / base[r.prompt_index].tokens_per_s for r in runs if r.prompt_index in base]
     rounds = sum(r.rounds for r in runs)
@@ -121,11 +188,16 @@ def summarize(
         tau=tau,
         tokens_per_s=statistics.median(r.tokens_per_s for r in runs),
         speedup_vs_plain=statistics.median(ratios) if ratios else math.nan,
-        draft_time_share=sum(r.draft_seconds for r in runs) / seconds if rounds else math.nan,
+        draft_time_share=sum(r.draft_seconds for r in runs) / seconds
+        if any(r.draft_seconds for r in runs)
+        else math.nan,
         conditional_acceptance=conditional_acceptance(runs, block_size) if block_size and rounds else [],
         per_prompt_speedup=ratios,
         prompts=len(runs),
         new_tokens=sum(r.new_tokens for r in runs),
+        target_time_share=sum(r.target_seconds for r in runs) / seconds
+        if any(r.target_forwards for r in runs)
+        else math.nan,
     )
 
 
@@ -150,6 +222,7 @@ def run_interleaved(
 __all__ = [
     "PromptRun",
     "MethodSummary",
+    "ForwardLog",
     "encode_chat_prompt",
     "timed_generate",
     "conditional_acceptance",

