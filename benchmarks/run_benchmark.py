@@ -20,7 +20,6 @@ transformers' own ``speculation_type="dflash"`` path is recorded as skipped, wit
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -163,63 +162,6 @@ def native_dflash_skip_reason() -> str:
     )
 
 
-class ConfidenceRecorder:
-    """Keeps, for every block a DSpark drafter drafts while active, the hidden states and previous tokens its
-    confidence head reads, so confidence logits can be computed after the timed generation.
-
-    It wraps the drafter's `_pick_block_tokens` on the instance (production code is untouched) and only stores
-    references, so the drafting time it adds is negligible; the head itself runs in `calibration_rounds`.
-    """
-
-    def __init__(self, drafter: DSparkForCausalLM):
-        if not hasattr(drafter, "_pick_block_tokens"):
-            raise RuntimeError(
-                "This dspark_hf version has no DSparkForCausalLM._pick_block_tokens to record."
-            )
-        self.drafter = drafter
-        self.blocks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # committed length -> (hidden, prev)
-
-    def __enter__(self) -> ConfidenceRecorder:
-        original = self.drafter._pick_block_tokens
-
-        def recording(sequences, num_tokens, hidden, *args, **kwargs):
-            scores = original(sequences, num_tokens, hidden, *args, **kwargs)
-            length, drafted = sequences.shape[1] - num_tokens, len(scores)
-            self.blocks[length] = (
-                hidden[:drafted].clone(),
-                sequences[0, length - 1 : length + drafted - 1].clone(),
-            )
-            return scores
-
-        self.drafter._pick_block_tokens = recording
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        del self.drafter._pick_block_tokens
-
-    @torch.inference_mode()
-    def calibration_rounds(self, run: PromptRun, prompt_length: int) -> tuple[list[CalibrationRound], int]:
-        """The (confidence logits, accepted) of each verification round of `run` that drafted, and how many
-        rounds could not be matched to a recorded block (reported, never silently dropped)."""
-        # Rounds start at the committed lengths; walk back from the final length.
-        starts, length = [], prompt_length + run.new_tokens
-        for accepted in reversed(run.accepted):
-            length -= accepted + 1
-            starts.append(length)
-        rounds, unmatched = [], 0
-        for start, drafted, accepted in zip(reversed(starts), run.drafted, run.accepted):
-            if drafted == 0:
-                continue
-            block = self.blocks.get(start)
-            if block is None or block[0].shape[0] != drafted:
-                unmatched += 1
-                continue
-            logits = self.drafter.confidence(*block)
-            rounds.append(CalibrationRound(logits.float().cpu(), accepted))
-        self.blocks.clear()
-        return rounds, unmatched
-
-
 def confidence_metrics(rounds: list[CalibrationRound], temperatures: list[float] | None) -> dict[str, Any]:
     """AUROC/ECE of the confidence head against observed acceptance.
 
@@ -229,11 +171,11 @@ def confidence_metrics(rounds: list[CalibrationRound], temperatures: list[float]
     drafter's STS temperatures when it has them.
     """
 
-    def conditional(temperatures: list[float] | None) -> dict[str, float]:
+    def conditional(applied: list[float] | None) -> dict[str, float]:
         probs, labels = [], []
         for logits, accepted in rounds:
             reached = min(accepted + 1, logits.numel())
-            probs.extend(apply_temperatures(logits[:reached], temperatures).sigmoid().tolist())
+            probs.extend(apply_temperatures(logits[:reached], applied).sigmoid().tolist())
             labels.extend([1] * accepted + [0] * (reached - accepted))
         return {
             "positions": len(probs),
@@ -351,13 +293,11 @@ class Benchmark:
                         f"{args.dflash_drafter} has markov_rank={drafter.config.markov_rank}."
                     )
                 self.drafters["dflash"] = drafter
-        self.recorders = {
-            name: ConfidenceRecorder(drafter)
-            for name, drafter in self.drafters.items()
-            if drafter.confidence_head is not None
-        }
-        # method -> prompt index -> (calibration rounds, unmatched rounds), for one (dataset, temperature)
-        self.calibration: dict[str, dict[int, tuple[list[CalibrationRound], int]]] = {}
+        for drafter in self.drafters.values():
+            # Raw confidence logits of every drafted position, per round (~35 us per position on this CPU).
+            drafter.generation_config.record_confidence = drafter.confidence_head is not None
+        # method -> prompt index -> calibration rounds, for one (dataset, temperature)
+        self.calibration: dict[str, dict[int, list[CalibrationRound]]] = {}
 
     def method_callables(
         self, do_sample: bool, max_new_tokens: int
@@ -372,21 +312,18 @@ class Benchmark:
             return lambda index, ids: timed_generate(name, index, model, ids, **common(index))
 
         def assisted(name: str) -> Callable[[int, torch.Tensor], PromptRun]:
-            drafter, recorder = self.drafters[name], self.recorders.get(name)
+            drafter = self.drafters[name]
 
             def run(index: int, ids: torch.Tensor) -> PromptRun:
                 drafter.attach_target(self.target)  # one drafter's hooks on the target at a time
                 try:
-                    with recorder or contextlib.nullcontext():
-                        result = timed_generate(
-                            name, index, self.target, ids, assistant_model=drafter, **common(index)
-                        )
+                    result = timed_generate(
+                        name, index, self.target, ids, assistant_model=drafter, **common(index)
+                    )
                 finally:
                     drafter.detach_target()
-                if recorder is not None:
-                    self.calibration.setdefault(name, {})[index] = recorder.calibration_rounds(
-                        result, ids.shape[1]
-                    )
+                if drafter.generation_config.record_confidence:
+                    self.calibration.setdefault(name, {})[index] = drafter.last_stats.calibration_rounds()
                 return result
 
             return run
@@ -488,9 +425,8 @@ class Benchmark:
                 ],
             }
         for name, per_prompt in self.calibration.items():
-            rounds = [r for prompt_rounds, _ in per_prompt.values() for r in prompt_rounds]
+            rounds = [r for prompt_rounds in per_prompt.values() for r in prompt_rounds]
             metrics = confidence_metrics(rounds, self.drafters[name].config.confidence_temperatures)
-            metrics["unmatched_rounds"] = sum(unmatched for _, unmatched in per_prompt.values())
             results["confidence"].setdefault(name, {})[key] = metrics
         if greedy:
             reference = {r.prompt_index: r.output_ids for r in runs["plain_fp32"]}
