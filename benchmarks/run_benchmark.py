@@ -41,6 +41,7 @@ import dspark_hf
 from dspark_hf.benchmarking import (
     PromptRun,
     encode_chat_prompt,
+    json_safe,
     run_interleaved,
     summarize,
     timed_generate,
@@ -201,17 +202,6 @@ def first_difference(output: list[int], reference: list[int]) -> int | None:
         if a != b:
             return index
     return None if len(output) == len(reference) else min(len(output), len(reference))
-
-
-def json_safe(value: Any) -> Any:
-    """NaN/inf -> null (JSON has no NaN) and floats rounded to 5 decimals, recursively."""
-    if isinstance(value, float):
-        return round(value, 5) if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(item) for item in value]
-    return value
 
 
 def plot_results(results: dict[str, Any], output_dir: Path, name: str) -> list[Path]:

@@ -219,7 +219,19 @@ def run_interleaved(
     return runs
 
 
+def json_safe(value: object) -> object:
+    """NaN/inf -> null (JSON has no NaN) and floats rounded to 5 decimals, recursively."""
+    if isinstance(value, float):
+        return round(value, 5) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
 __all__ = [
+    "json_safe",
     "PromptRun",
     "MethodSummary",
     "ForwardLog",

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from .benchmarking import encode_chat_prompt, run_interleaved, summarize, timed_generate
+from .benchmarking import encode_chat_prompt, json_safe, run_interleaved, summarize, timed_generate
 from .data import build_dataset, load_prompts, load_reference_train_rows
 from .draft_vocab import frequency_ranked_vocab
 from .modeling_dspark import DSparkForCausalLM
@@ -52,6 +52,7 @@ class QuickstartOptions:
     eval_prompts_per_set: int = 3
     max_new_tokens: int = 96
     seed: int = 0
+    threads: int = 0  # torch CPU threads; 0 uses every core
 
 
 class TimeBudget(TrainerCallback):
@@ -182,7 +183,7 @@ def run_quickstart(options: QuickstartOptions | None = None) -> dict:
     """Prepare the target, train a drafter, evaluate it; returns (and writes) the results."""
     options = options or QuickstartOptions()
     torch.manual_seed(options.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(options.threads or os.cpu_count() or 1)
     started = time.perf_counter()
     print("[1/3] preparing the target (SmolLM2-135M-Instruct; the first run converts the GGUF, ~30 s)")
     target, tokenizer = load_reference_target()
@@ -196,7 +197,7 @@ def run_quickstart(options: QuickstartOptions | None = None) -> dict:
     results["options"] = asdict(options)
     results["total_minutes"] = (time.perf_counter() - started) / 60
     out = Path(options.output_dir) / "results.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out.write_text(json.dumps(json_safe(results), indent=2) + "\n")
     print(format_report(results))
     print(f"drafter saved to {Path(options.output_dir) / 'drafter'}; results in {out}")
     print(f"total time: {results['total_minutes']:.1f} min")
