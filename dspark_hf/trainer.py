@@ -19,6 +19,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import is_peft_available
 
+from .generation import _decoder_layers
 from .hub import write_model_card
 from .loss import DSparkLossOutput, dspark_loss, position_weights
 from .training_args import DSparkTrainingArguments
@@ -254,7 +256,9 @@ class DSparkTrainer(Trainer):
             self.target_model = prepare_deepspeed(target_model, self.accelerator)
         else:
             self.target_model = self.accelerator.prepare_model(target_model, evaluation_mode=True)
-        self._target_lm_head = self.accelerator.unwrap_model(self.target_model).get_output_embeddings()
+        unwrapped_target = self.accelerator.unwrap_model(self.target_model)
+        self._target_layers = _decoder_layers(unwrapped_target)
+        self._target_lm_head = unwrapped_target.get_output_embeddings()
         self._drafter_config = self.accelerator.unwrap_model(self.model).config
         # Per mode ("train"/"eval"): running sums of metric numerators and denominators since the last log.
         self._metric_sums: dict[str, torch.Tensor] = {}
@@ -290,17 +294,37 @@ class DSparkTrainer(Trainer):
     def _target_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Concatenated features of `target_layer_ids` [B, T, m*d] and the final-norm hidden state."""
+        """Concatenated features of `target_layer_ids` [B, T, m*d] and the final-norm hidden state [B, T, d].
+
+        Feature i is the output of decoder layer i (-1: the embeddings), captured by hooks exactly as at
+        generation time; HF's `hidden_states[i + 1]` would put the final norm on the last layer's.
+        """
         layer_ids = self._drafter_config.target_layer_ids
-        outputs = self.target_model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            output_hidden_states=[i + 1 for i in layer_ids] + [-1],
-            logits_to_keep=1,
-            use_cache=False,
-        )
-        hidden_states = outputs.hidden_states
-        return torch.cat([hidden_states[i + 1] for i in layer_ids], dim=-1), hidden_states[-1]
+        captured: dict[int, torch.Tensor] = {}
+
+        def keep_output(layer_id: int, module: nn.Module, args: tuple, output: Any) -> None:
+            captured[layer_id] = output[0] if isinstance(output, tuple) else output
+
+        def keep_embeddings(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            captured[-1] = args[0] if args else kwargs["hidden_states"]
+
+        hooks = [
+            self._target_layers[i].register_forward_hook(partial(keep_output, i)) for i in layer_ids if i >= 0
+        ]
+        if -1 in layer_ids:
+            hooks.append(self._target_layers[0].register_forward_pre_hook(keep_embeddings, with_kwargs=True))
+        try:
+            outputs = self.target_model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                output_hidden_states=[-1],
+                logits_to_keep=1,
+                use_cache=False,
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return torch.cat([captured[i] for i in layer_ids], dim=-1), outputs.hidden_states[-1]
 
     def compute_loss(
         self,
