@@ -58,7 +58,17 @@ from dspark_hf.scheduling import (
 )
 
 DATASETS = ("gsm8k", "mt-bench", "humaneval")
-METHODS = ("plain_fp32", "plain_bf16", "dspark", "dflash", "prompt_lookup")
+METHODS = (
+    "plain_fp32",
+    "plain_bf16",
+    "dspark",
+    "dspark_threshold",
+    "dspark_scheduled",
+    "dflash",
+    "prompt_lookup",
+)
+# Variants of the DSpark drafter that change only how much of each block is verified.
+DSPARK_VARIANTS = {"dspark_threshold": "confidence_threshold", "dspark_scheduled": "confidence_scheduling"}
 PLAIN_METHODS = ("plain_fp32", "plain_bf16")
 DRAFTER_METHODS = ("dspark", "dflash")
 NATIVE_DFLASH = "dflash_native"
@@ -87,6 +97,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0], choices=[0.0, 1.0])
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="prompt_lookup_num_tokens")
+    parser.add_argument(
+        "--confidence-threshold", type=float, default=0.5, help="static threshold of dspark_threshold"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0, help="prompt i is generated with seed + i")
     parser.add_argument(
@@ -269,8 +282,13 @@ class Benchmark:
         if "plain_bf16" in self.methods:
             self.target_bf16, _ = load_reference_target(dtype=torch.bfloat16)
         self.drafters: dict[str, DSparkForCausalLM] = {}
-        if "dspark" in self.methods:
+        if any(m == "dspark" or m in DSPARK_VARIANTS for m in self.methods):
             self.drafters["dspark"] = load_drafter(args.drafter, self.target, markov_rank=64, seed=args.seed)
+        if "dspark_scheduled" in self.methods and self.drafters["dspark"].cost_profile is None:
+            self.skipped["dspark_scheduled"] = (
+                "the drafter has no cost profile (run dspark calibrate --profile-cost)."
+            )
+            self.methods.remove("dspark_scheduled")
         if "dflash" in self.methods:
             if args.dflash_drafter is None and not args.smoke:
                 self.skipped["dflash"] = "no --dflash-drafter given."
@@ -301,18 +319,29 @@ class Benchmark:
         def plain(name: str, model) -> Callable[[int, torch.Tensor], PromptRun]:
             return lambda index, ids: timed_generate(name, index, model, ids, **common(index))
 
-        def assisted(name: str) -> Callable[[int, torch.Tensor], PromptRun]:
-            drafter = self.drafters[name]
+        def assisted(
+            name: str, options: dict[str, Any] | None = None
+        ) -> Callable[[int, torch.Tensor], PromptRun]:
+            """`name` drafts with its drafter (the DSpark one for the variants), with `options` set on the
+            drafter's generation config for the duration of the run."""
+            drafter = self.drafters.get(name, self.drafters.get("dspark"))
+            options = options or {}
 
             def run(index: int, ids: torch.Tensor) -> PromptRun:
+                config = drafter.generation_config
+                previous = {key: getattr(config, key, None) for key in options}
                 drafter.attach_target(self.target)  # one drafter's hooks on the target at a time
                 try:
+                    for key, value in options.items():
+                        setattr(config, key, value)
                     result = timed_generate(
                         name, index, self.target, ids, assistant_model=drafter, **common(index)
                     )
                 finally:
                     drafter.detach_target()
-                if drafter.generation_config.record_confidence:
+                    for key, value in previous.items():
+                        setattr(config, key, value)
+                if name in self.drafters and drafter.generation_config.record_confidence:
                     self.calibration.setdefault(name, {})[index] = drafter.last_stats.calibration_rounds()
                 return result
 
@@ -332,14 +361,18 @@ class Benchmark:
             "plain_fp32": lambda: plain("plain_fp32", self.target),
             "plain_bf16": lambda: plain("plain_bf16", self.target_bf16),
             "dspark": lambda: assisted("dspark"),
+            "dspark_threshold": lambda: assisted(
+                "dspark_threshold", {"confidence_threshold": args.confidence_threshold}
+            ),
+            "dspark_scheduled": lambda: assisted("dspark_scheduled", {"confidence_scheduling": True}),
             "dflash": lambda: assisted("dflash"),
             "prompt_lookup": lambda: prompt_lookup,
         }
         return {name: factories[name]() for name in self.methods}
 
     def block_size(self, method: str) -> int | None:
-        if method in self.drafters:
-            return self.drafters[method].config.block_size
+        if method in self.drafters or method in DSPARK_VARIANTS:
+            return self.drafters.get(method, self.drafters.get("dspark")).config.block_size
         return self.args.prompt_lookup_tokens if method == "prompt_lookup" else None
 
     def run(self) -> dict[str, Any]:
@@ -492,13 +525,13 @@ def run_benchmark(args: argparse.Namespace) -> Path:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    lines = [f"{'method':<14} {'dataset':<14} {'tau':>5} {'tok/s':>7} {'speedup':>8} {'draft%':>7}"]
+    lines = [f"{'method':<17} {'dataset':<14} {'tau':>5} {'tok/s':>7} {'speedup':>8} {'draft%':>7}"]
     for method, per_key in results["methods"].items():
         for key, entry in per_key.items():
             share = entry["draft_time_share"]
             share = math.nan if share is None else 100 * share
             lines.append(
-                f"{method:<14} {key:<14} {entry['tau'] or math.nan:>5.2f} {entry['tokens_per_s']:>7.1f} "
+                f"{method:<17} {key:<14} {entry['tau'] or math.nan:>5.2f} {entry['tokens_per_s']:>7.1f} "
                 f"{entry['speedup_vs_plain'] or math.nan:>7.2f}x {share:>6.0f}%"
             )
     for method, per_key in results["greedy_identity"].items():

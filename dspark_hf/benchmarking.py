@@ -53,6 +53,7 @@ class MethodSummary:
     prompts: int
     new_tokens: int
     target_time_share: float = math.nan
+    mean_verified_tokens: float = math.nan  # tokens the target scores per round: drafts + 1
 
     def to_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -198,6 +199,7 @@ def summarize(
         target_time_share=sum(r.target_seconds for r in runs) / seconds
         if any(r.target_forwards for r in runs)
         else math.nan,
+        mean_verified_tokens=1 + sum(sum(r.drafted) for r in runs) / rounds if rounds else math.nan,
     )
 
 
