@@ -161,6 +161,9 @@ def tokenize_chat(
     after the end-of-turn token. Turn boundaries come from rendering conversation prefixes with the
     template itself, so this works for any template whose renders of prefixes are prefixes of the full
     render (ChatML, Llama-3, Gemma, ...), without needing ``{% generation %}`` markers.
+
+    Rows marked ``"truncated": True`` (answers cut off at ``max_new_tokens`` by :func:`regenerate_responses`)
+    keep the end-of-turn token of their last message out of the loss: the target never emitted it there.
     """
     messages = _as_messages(example)
     if not any(m["role"] == "assistant" for m in messages):
@@ -180,6 +183,7 @@ def tokenize_chat(
             )
         return len(ids)
 
+    cut_off = bool(example.get("truncated")) and messages[-1]["role"] == "assistant"
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -188,7 +192,7 @@ def tokenize_chat(
         # Stop right after the last special token of the turn (the end-of-turn marker) when there is one.
         turn_specials = [j for j in range(start, end) if input_ids[j] in special_ids]
         if turn_specials:
-            end = turn_specials[-1] + 1
+            end = turn_specials[-1] + (0 if cut_off and i == len(messages) - 1 else 1)
         loss_mask[start:end] = [1] * (end - start)
 
     input_ids, loss_mask = input_ids[:max_length], loss_mask[:max_length]

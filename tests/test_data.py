@@ -89,6 +89,13 @@ def test_multi_turn_masks_every_assistant_turn_only(tokenizer):
     assert "You are a test assistant." not in tokenizer.decode(encoded["input_ids"])
 
 
+def test_cut_off_answer_does_not_train_end_of_turn(tokenizer):
+    row = {"prompt": "What is 2 + 2?", "response": "The answer is", "truncated": True}
+    assert masked_spans(tokenize_chat(row, tokenizer), tokenizer) == ["The answer is"]
+    row["truncated"] = False
+    assert masked_spans(tokenize_chat(row, tokenizer), tokenizer) == ["The answer is<|im_end|>"]
+
+
 def test_truncation_keeps_prefix(tokenizer):
     row = {"prompt": "hello", "response": "The answer is 4. Bye!"}
     full = tokenize_chat(row, tokenizer)
