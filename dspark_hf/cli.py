@@ -5,49 +5,6 @@ from __future__ import annotations
 import argparse
 
 
-def _demo(args: argparse.Namespace) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from . import DSparkForCausalLM
-
-    torch.manual_seed(args.seed)
-    target = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    ).eval()
-    drafter = DSparkForCausalLM.from_target(target, num_hidden_layers=2, markov_rank=16).eval()
-    ids = torch.randint(0, 256, (1, 12))
-    with torch.no_grad():
-        hidden = target(ids, output_hidden_states=True).hidden_states
-        features = torch.cat([hidden[i + 1] for i in drafter.config.target_layer_ids], dim=-1)
-        block_size = drafter.config.block_size
-        block = torch.full((1, block_size), drafter.config.mask_token_id)
-        block[0, 0] = ids[0, -1]
-        positions = torch.arange(ids.shape[1] - 1 + block_size).unsqueeze(0)
-        out = drafter(block, features[:, :-1], positions)
-    print(
-        f"drafter config: {drafter.config.num_hidden_layers} layers, block {block_size}, "
-        f"{drafter.config.markov_head_type} Markov head of rank {drafter.config.markov_rank}, "
-        f"target layers {drafter.config.target_layer_ids}"
-    )
-    print(f"parallel draft of one block (argmax of base logits): {out.base_logits.argmax(-1).tolist()[0]}")
-
-
-def _add_demo_command(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="Build a drafter for a tiny random target and draft one block."
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=_demo)
-
-
 def _add_push_command(subparsers) -> None:
     def run(args: argparse.Namespace) -> None:
         import json
@@ -406,7 +363,6 @@ def main(argv: list[str] | None = None) -> None:
         prog="dspark", description="DSpark speculative decoding for transformers."
     )
     subparsers = parser.add_subparsers(dest="command", required=True)
-    _add_demo_command(subparsers)
     _add_push_command(subparsers)
     _add_convert_command(subparsers)
     _add_train_command(subparsers)

