@@ -43,7 +43,7 @@ def test_quickstart_runs_end_to_end_on_a_tiny_budget(tmp_path):
     from dspark_hf.quickstart import QuickstartOptions, run_quickstart
 
     options = QuickstartOptions(
-        output_dir=str(tmp_path), max_steps=2, max_length=128, eval_prompts_per_set=1, max_new_tokens=8
+        output_dir=str(tmp_path), max_steps=2, eval_prompts_per_set=1, max_new_tokens=8
     )
     results = run_quickstart(options)
     assert results["greedy_identical"]
