@@ -230,6 +230,23 @@ def target_features(target, sequence: torch.Tensor) -> torch.Tensor:
     return torch.cat([hidden_states[i + 1] for i in LAYER_IDS], dim=-1)
 
 
+def teacher_forced_block(drafter, out, features, input_ids, draft):
+    """The drafting call's tokens, and a from-scratch forward of its block with fresh target features and
+    the drafted tokens teacher-forced into the heads."""
+    anchor, drafted = input_ids.shape[1] - 1, draft.sequences[0, input_ids.shape[1] :]
+    block = torch.full((1, BLOCK), drafter.config.mask_token_id)
+    block[0, 0] = out[0, anchor]
+    prev = block.clone()
+    prev[0, 1 : 1 + len(drafted)] = drafted[: BLOCK - 1]
+    reference = drafter(
+        input_ids=block,
+        target_hidden_states=features[:, :anchor],
+        position_ids=torch.arange(anchor + BLOCK)[None],
+        prev_token_ids=prev,
+    )
+    return drafted, reference
+
+
 def test_drafts_carry_the_teacher_forced_logits_and_confidence_cut(monkeypatch):
     """Each round's scores equal a from-scratch drafter forward (fresh target features, drafted tokens
     teacher-forced into the heads), and blocks end at the first position whose confidence is below the
@@ -250,17 +267,7 @@ def test_drafts_carry_the_teacher_forced_logits_and_confidence_cut(monkeypatch):
         cut_by_confidence = 0
         # The first call drafts before any target feature exists.
         for input_ids, draft, kwargs in spy.calls[1:]:
-            anchor, drafted = input_ids.shape[1] - 1, draft.sequences[0, input_ids.shape[1] :]
-            block = torch.full((1, BLOCK), drafter.config.mask_token_id)
-            block[0, 0] = out[0, anchor]
-            prev = block.clone()
-            prev[0, 1 : 1 + len(drafted)] = drafted[: BLOCK - 1]
-            reference = drafter(
-                input_ids=block,
-                target_hidden_states=features[:, :anchor],
-                position_ids=torch.arange(anchor + BLOCK)[None],
-                prev_token_ids=prev,
-            )
+            drafted, reference = teacher_forced_block(drafter, out, features, input_ids, draft)
             torch.testing.assert_close(
                 torch.stack(draft.scores, 1)[0], reference.logits[0, : len(drafted)], atol=2e-4, rtol=1e-4
             )
@@ -525,17 +532,7 @@ def test_greedy_with_confidence_scheduling_is_identical_and_follows_the_causal_r
         with torch.no_grad():
             features = target_features(target, out)
             for input_ids, draft, kwargs in spy.calls[1:]:
-                anchor, drafted = input_ids.shape[1] - 1, draft.sequences[0, input_ids.shape[1] :]
-                block = torch.full((1, BLOCK), drafter.config.mask_token_id)
-                block[0, 0] = out[0, anchor]
-                prev = block.clone()
-                prev[0, 1 : 1 + len(drafted)] = drafted[: BLOCK - 1]
-                reference = drafter(
-                    input_ids=block,
-                    target_hidden_states=features[:, :anchor],
-                    position_ids=torch.arange(anchor + BLOCK)[None],
-                    prev_token_ids=prev,
-                )
+                drafted, reference = teacher_forced_block(drafter, out, features, input_ids, draft)
                 confidences = torch.sigmoid(reference.confidence_logits[0] / torch.tensor(temperatures))
                 limit = min(kwargs["max_new_tokens"], BLOCK)
                 expected = scheduled_length(confidences.tolist(), SCHEDULED_SECONDS, threshold, limit)
@@ -618,18 +615,7 @@ def test_recorded_confidences_are_the_raw_logits_of_the_verified_drafts(monkeypa
         features = target_features(target, out)
         # Drafting call i + 1 made the drafts of verification round i (call 0 drafts before the prefill).
         for (input_ids, draft, _), logits in zip(spy.calls[1:], stats.confidence_logits):
-            anchor, drafted = input_ids.shape[1] - 1, draft.sequences[0, input_ids.shape[1] :]
-            prev = torch.full((1, BLOCK), drafter.config.mask_token_id)
-            prev[0, 0] = out[0, anchor]
-            prev[0, 1 : 1 + len(drafted)] = drafted[: BLOCK - 1]
-            reference = drafter(
-                input_ids=torch.cat(
-                    [prev[:, :1], prev.new_full((1, BLOCK - 1), drafter.config.mask_token_id)], 1
-                ),
-                target_hidden_states=features[:, :anchor],
-                position_ids=torch.arange(anchor + BLOCK)[None],
-                prev_token_ids=prev,
-            )
+            drafted, reference = teacher_forced_block(drafter, out, features, input_ids, draft)
             torch.testing.assert_close(
                 torch.tensor(logits), reference.confidence_logits[0, : len(drafted)], atol=1e-4, rtol=1e-4
             )
