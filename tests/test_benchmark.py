@@ -33,13 +33,7 @@ def load_script():
 bench = load_script()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models are dominated by thread hand-off on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ NEW_TOKENS = 64
 SUCCESSOR_SCALE = 0.11
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models are dominated by thread hand-off on a shared machine; one thread is ~30x faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_target(kind: str, vocab: int = VOCAB, hidden: int = HIDDEN, successor_scale: float | None = None):
