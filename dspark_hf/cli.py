@@ -123,8 +123,12 @@ def _add_train_command(subparsers) -> None:
         if args.drafter:
             drafter = DSparkForCausalLM.from_pretrained(args.drafter)
         else:
-            drafter = DSparkForCausalLM.from_target(target, **drafter_overrides)
-        training_overrides = {"learning_rate": args.learning_rate, "num_anchors": args.num_anchors}
+            drafter = DSparkForCausalLM.from_target(target, tokenizer=tokenizer, **drafter_overrides)
+        training_overrides = {
+            "learning_rate": args.learning_rate,
+            "num_anchors": args.num_anchors,
+            "max_train_minutes": args.max_train_minutes,
+        }
         training_args = DSparkTrainingArguments(
             output_dir=args.output_dir,
             num_train_epochs=args.epochs,
@@ -200,6 +204,11 @@ def _add_train_command(subparsers) -> None:
     training.add_argument("--gradient-accumulation-steps", type=int, default=1)
     training.add_argument("--learning-rate", type=float, help="Peak learning rate (default 6e-4).")
     training.add_argument("--num-anchors", type=int, help="Blocks sampled per sequence (default 512).")
+    training.add_argument(
+        "--max-train-minutes",
+        type=float,
+        help="Wall-clock budget that ends training and that the learning-rate schedule follows.",
+    )
     training.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (GPUs, recent CPUs).")
     training.add_argument("--activation-checkpointing", action="store_true", help="Recompute draft layers.")
     training.add_argument("--logging-steps", type=int, default=10)

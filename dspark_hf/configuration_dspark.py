@@ -118,6 +118,7 @@ class DSparkConfig(PreTrainedConfig):
     confidence_head_with_markov: bool = True
     confidence_temperatures: list[float] | None = None
     draft_vocab_size: int | None = None
+    extend_draft_vocab_with_prompt: bool = True
     target_cost_profile: dict[str, Any] | None = None
 
     pad_token_id: int | None = None
@@ -258,6 +259,7 @@ _NATIVE_ONLY_FIELDS = (
     "target_model_name_or_path",
     "auto_map",
     "draft_vocab_size",
+    "extend_draft_vocab_with_prompt",
     "target_cost_profile",
 )
 

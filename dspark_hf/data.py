@@ -7,6 +7,7 @@ assistant tokens of each conversation (see :func:`tokenize_chat`).
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -24,6 +25,8 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 RESOURCES: Traversable = resources.files("dspark_hf") / "resources"
 REFERENCE_TRAIN_FILE = "smollm2_train.jsonl"
+# The reference target's greedy answers (<= 512 new tokens) to 2,111 further training prompts, gzipped.
+ONPOLICY_FILE = "smollm2_onpolicy_512.jsonl.gz"
 
 GSM8K_EVAL_ROWS = 100
 # Which splits each vendored prompt set provides (project convention, see resources/README.md).
@@ -65,6 +68,16 @@ def load_prompts(name: str, split: str = "eval", limit: int | None = None) -> li
 def load_reference_train_rows(limit: int | None = None) -> list[dict[str, Any]]:
     """The vendored ``{"prompt", "response", "truncated"}`` rows answered by the reference target."""
     rows = read_jsonl(RESOURCES / REFERENCE_TRAIN_FILE)
+    return rows if limit is None else rows[:limit]
+
+
+def load_onpolicy_rows(limit: int | None = None) -> list[dict[str, Any]]:
+    """The vendored ``{"prompt", "response", "truncated"}`` rows of ``smollm2_onpolicy_512.jsonl.gz``:
+    greedy answers of the reference target (up to 512 new tokens) to GSM8K test rows 250+ and ShareGPT
+    first turns, disjoint from every evaluation prompt (see ``resources/README.md``)."""
+    with (RESOURCES / ONPOLICY_FILE).open("rb") as f:
+        lines = gzip.decompress(f.read()).decode("utf-8").splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()]
     return rows if limit is None else rows[:limit]
 
 

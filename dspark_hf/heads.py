@@ -8,11 +8,15 @@ left-to-right loop over the block. Parameter names follow DeepSpec's checkpoints
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 class VanillaMarkovHead(nn.Module):
     """Low-rank token-to-token transition: B(x_{k-1}, .) = W1[x_{k-1}] W2."""
+
+    # Whether the head carries a state along the block (then positions are computed one after another).
+    recurrent = False
 
     def __init__(self, vocab_size: int, markov_rank: int, hidden_size: int):
         super().__init__()
@@ -33,26 +37,49 @@ class VanillaMarkovHead(nn.Module):
         """Rank-r vector that W2 maps to the vocabulary bias, and the next state."""
         return prev_embeddings, state
 
+    def project(self, latent: torch.Tensor, vocab_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """W2 latent: the bias over the vocabulary, or over `vocab_ids` only (draft-vocabulary training)."""
+        weight = self.markov_w2.weight if vocab_ids is None else self.markov_w2.weight[vocab_ids]
+        return F.linear(latent.to(weight.dtype), weight)
+
     def step(
         self, prev_token_ids: torch.Tensor, hidden_states: torch.Tensor, state: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One sequential step: bias [..., V] for the position whose hidden state is given."""
         latent, state = self.latent(self.prev_embeddings(prev_token_ids), hidden_states, state)
-        return self.markov_w2(latent.to(self.markov_w2.weight.dtype)), state
+        return self.project(latent), state
 
-    def forward(self, prev_token_ids: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced bias for whole blocks: ids [..., L], hidden [..., L, d] -> bias [..., L, V]."""
+    def forward(
+        self,
+        prev_token_ids: torch.Tensor,
+        hidden_states: torch.Tensor,
+        block_size: int | None = None,
+        vocab_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Teacher-forced bias for whole blocks: ids [..., L], hidden [..., L, d] -> bias [..., L, V].
+
+        L holds consecutive blocks of `block_size` positions (one block when None). A recurrent state starts
+        from s_0 at every block, as in drafting, so a packed forward over many blocks equals one forward per
+        block. `vocab_ids` restricts the bias to those ids ([..., L, K]).
+        """
         prev = self.prev_embeddings(prev_token_ids)
-        state = self.init_state(hidden_states[..., 0, :])
-        if state is None:
+        length = prev_token_ids.shape[-1]
+        block_size = block_size or length
+        if length % block_size:
+            raise ValueError(f"{length} positions do not split into blocks of {block_size}.")
+        if not self.recurrent:
             latent, _ = self.latent(prev, hidden_states, None)
         else:
+            blocks = length // block_size
+            prev = prev.unflatten(-2, (blocks, block_size))
+            hidden = hidden_states.unflatten(-2, (blocks, block_size))
+            state = self.init_state(hidden[..., 0, :])
             steps = []
-            for k in range(prev_token_ids.shape[-1]):
-                step_latent, state = self.latent(prev[..., k, :], hidden_states[..., k, :], state)
+            for k in range(block_size):
+                step_latent, state = self.latent(prev[..., k, :], hidden[..., k, :], state)
                 steps.append(step_latent)
-            latent = torch.stack(steps, dim=-2)
-        return self.markov_w2(latent.to(self.markov_w2.weight.dtype))
+            latent = torch.stack(steps, dim=-2).flatten(-3, -2)
+        return self.project(latent, vocab_ids)
 
 
 class GatedMarkovHead(VanillaMarkovHead):
@@ -74,6 +101,8 @@ class RNNMarkovHead(VanillaMarkovHead):
     z_k = [s_{k-1} ; W1[x_{k-1}] ; h_k]; g, c, o = split(W z_k);
     s_k = sigma(g) * s_{k-1} + (1 - sigma(g)) * tanh(c); the bias is W2 tanh(o); s_0 = 0.
     """
+
+    recurrent = True
 
     def __init__(self, vocab_size: int, markov_rank: int, hidden_size: int):
         super().__init__(vocab_size, markov_rank, hidden_size)

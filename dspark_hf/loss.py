@@ -46,43 +46,64 @@ class DSparkLossOutput(ModelOutput):
 
 
 class _ChunkedDistributionTerms(torch.autograd.Function):
-    """Per-row cross-entropy and L1 distance between softmax(draft) and softmax(target), in row chunks.
+    """Per-row cross-entropy and L1 distance between softmax(draft) and the target distribution, in chunks.
 
-    Only the input logits are kept for backward; each chunk's probabilities are recomputed there and its
-    gradient written straight into one buffer of the logits' shape. The target logits are constants.
+    Rows cover K ids (the full vocabulary or a draft vocabulary); `outside` is the target mass on ids beyond
+    them, a constant of L1. Labels are indices into the K ids, -1 where the label lies outside (no CE). Only
+    the inputs are kept for backward; each chunk's probabilities are recomputed there and its gradient
+    written straight into one buffer of the logits' shape. Target values are constants.
     """
 
     @staticmethod
-    def forward(ctx, draft_logits, target_logits, labels, rows_per_chunk: int):
+    def forward(ctx, draft_logits, target_probs, outside, labels, rows_per_chunk: int):
         dtype = torch.promote_types(draft_logits.dtype, torch.float32)
         num_rows = draft_logits.shape[0]
         ce = draft_logits.new_empty(num_rows, dtype=dtype)
         l1 = draft_logits.new_empty(num_rows, dtype=dtype)
+        has_label = labels >= 0
         for start in range(0, num_rows, rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
             log_probs = torch.log_softmax(draft_logits[rows].to(dtype), dim=-1)
-            target_probs = torch.softmax(target_logits[rows].to(dtype), dim=-1)
-            ce[rows] = -log_probs.gather(-1, labels[rows, None]).squeeze(-1)
-            l1[rows] = (log_probs.exp() - target_probs).abs().sum(-1)
-        ctx.save_for_backward(draft_logits, target_logits, labels)
+            label_log_probs = log_probs.gather(-1, labels[rows, None].clamp_min(0)).squeeze(-1)
+            ce[rows] = torch.where(has_label[rows], -label_log_probs, 0.0)
+            l1[rows] = (log_probs.exp() - target_probs[rows].to(dtype)).abs().sum(-1) + outside[rows]
+        ctx.save_for_backward(draft_logits, target_probs, labels)
         ctx.rows_per_chunk = rows_per_chunk
         return ce, l1
 
     @staticmethod
     def backward(ctx, grad_ce, grad_l1):
-        draft_logits, target_logits, labels = ctx.saved_tensors
+        draft_logits, target_probs, labels = ctx.saved_tensors
         dtype = grad_ce.dtype
         grad = torch.empty_like(draft_logits)
+        grad_ce = grad_ce * (labels >= 0)
         for start in range(0, draft_logits.shape[0], ctx.rows_per_chunk):
             rows = slice(start, start + ctx.rows_per_chunk)
             probs = torch.softmax(draft_logits[rows].to(dtype), dim=-1)
-            sign = torch.sign(probs - torch.softmax(target_logits[rows].to(dtype), dim=-1))
+            sign = torch.sign(probs - target_probs[rows].to(dtype))
             # d CE / dz = p - onehot(y);  d L1 / dz_j = p_j * (s_j - sum_v s_v p_v) with s = sign(p - p_t).
             chunk_grad = grad_l1[rows, None] * probs * (sign - (sign * probs).sum(-1, keepdim=True))
             chunk_grad += grad_ce[rows, None] * probs
-            chunk_grad.scatter_add_(-1, labels[rows, None], -grad_ce[rows, None])
+            chunk_grad.scatter_add_(-1, labels[rows, None].clamp_min(0), -grad_ce[rows, None])
             grad[rows] = chunk_grad
-        return grad, None, None, None
+        return grad, None, None, None, None
+
+
+def target_distribution(
+    target_logits: torch.Tensor, vocab_ids: torch.Tensor | None = None, chunk_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(target_logits) [..., V] at `vocab_ids` ([..., K]; all ids when None), and the mass outside
+    them [...], in float32 and in row chunks."""
+    vocab_size = target_logits.shape[-1]
+    rows = target_logits.detach().reshape(-1, vocab_size)
+    width = vocab_size if vocab_ids is None else vocab_ids.numel()
+    probs = rows.new_empty(rows.shape[0], width, dtype=torch.float32)
+    rows_per_chunk = chunk_size or max(1, _CHUNK_ELEMENTS // vocab_size)
+    for start in range(0, rows.shape[0], rows_per_chunk):
+        chunk = torch.softmax(rows[start : start + rows_per_chunk].float(), dim=-1)
+        probs[start : start + rows_per_chunk] = chunk if vocab_ids is None else chunk[:, vocab_ids]
+    outside = (1.0 - probs.sum(-1)).clamp_min(0.0) if vocab_ids is not None else probs.new_zeros(len(probs))
+    return probs.view(*target_logits.shape[:-1], width), outside.view(target_logits.shape[:-1])
 
 
 def position_weights(block_size: int, decay_gamma: float, device: torch.device | None = None) -> torch.Tensor:
@@ -95,11 +116,14 @@ def position_weights(block_size: int, decay_gamma: float, device: torch.device |
 
 def dspark_loss(
     draft_logits: torch.Tensor,
-    target_logits: torch.Tensor,
+    target_logits: torch.Tensor | None,
     labels: torch.Tensor,
     loss_mask: torch.Tensor,
     confidence_logits: torch.Tensor | None = None,
     *,
+    vocab_ids: torch.Tensor | None = None,
+    target_probs: torch.Tensor | None = None,
+    target_outside_mass: torch.Tensor | None = None,
     ce_weight: float = 0.1,
     l1_weight: float = 0.9,
     confidence_weight: float = 1.0,
@@ -110,26 +134,64 @@ def dspark_loss(
     The DSpark loss over blocks of drafted positions (DSpark paper, section 5; DeepSpec's defaults).
 
     Args:
-        draft_logits: [..., block, V] drafter logits (after the Markov bias).
-        target_logits: [..., block, V] target logits at the same positions; treated as a constant.
-        labels: [..., block] ground-truth next tokens.
+        draft_logits: [..., block, K] drafter logits (after the Markov bias) over `vocab_ids`, or over the
+            full vocabulary (K = V) when `vocab_ids` is None.
+        target_logits: [..., block, V] target logits at the same positions over the full vocabulary; treated
+            as a constant. May be None when `target_probs` is given.
+        labels: [..., block] ground-truth next tokens (ids of the full vocabulary).
         loss_mask: [..., block] bool, True on supervised positions; already cut at the first invalid label of
             each block (the terms only read it, positions after a hole are not dropped here).
         confidence_logits: [..., block] pre-sigmoid confidence, trained towards the detached acceptance.
+        vocab_ids: [K] sorted, distinct token ids that the drafter can draft (a draft vocabulary), or None.
+        target_probs, target_outside_mass: instead of `target_logits`, the target's probabilities at
+            `vocab_ids` [..., block, K] and its mass outside them [..., block] (see `target_distribution`).
         ce_weight, l1_weight, confidence_weight: weights of the three terms.
         decay_gamma: position k (0-based) weighs exp(-k / decay_gamma).
         chunk_size: rows (block positions) per chunk of the vocabulary computation; by default about 16M
             logits per chunk.
 
+    Training over a draft vocabulary S (as EAGLE-3 / FR-Spec do): the drafter puts no mass outside S, so
+
+        L1 = sum_{v in S} |p_d(v) - p_t(v)| + sum_{v not in S} p_t(v)
+           = sum_{v in S} |p_d(v) - p_t(v)| + m_out,
+
+    with p_d = softmax over S only and p_t the target's full-vocabulary distribution at S. The outside mass
+    m_out is a constant of the drafter, so it moves the value (and the acceptance 1 - L1/2, which stays the
+    exact speculative-sampling acceptance of the restricted drafter) but not the gradient. A label outside S
+    cannot be drafted and gives no cross-entropy. With S the whole vocabulary this is the full loss exactly.
+
     All math runs in (at least) float32. Each term is normalised by the sum of the position weights over the
     valid positions; a batch without valid positions gives zero terms.
     """
-    if target_logits.shape != draft_logits.shape:
+    block_size, width = draft_logits.shape[-2:]
+    if (target_logits is None) == (target_probs is None):
+        raise ValueError("Pass exactly one of target_logits and target_probs.")
+    if vocab_ids is not None and vocab_ids.shape != (width,):
         raise ValueError(
-            f"target_logits {tuple(target_logits.shape)} must have the shape of draft_logits "
+            f"vocab_ids {tuple(vocab_ids.shape)} must list the {width} ids of draft_logits' last dimension."
+        )
+    if target_logits is not None:
+        expected = (*draft_logits.shape[:-1], target_logits.shape[-1] if vocab_ids is not None else width)
+        if target_logits.shape != expected:
+            raise ValueError(
+                f"target_logits {tuple(target_logits.shape)} must have the shape of draft_logits "
+                f"{tuple(draft_logits.shape)}"
+                + (" over the full vocabulary." if vocab_ids is not None else ".")
+            )
+        target_probs, target_outside_mass = target_distribution(target_logits, vocab_ids, chunk_size)
+    elif target_probs.shape != draft_logits.shape:
+        raise ValueError(
+            f"target_probs {tuple(target_probs.shape)} must have the shape of draft_logits "
             f"{tuple(draft_logits.shape)}."
         )
-    per_position = {"labels": labels, "loss_mask": loss_mask, "confidence_logits": confidence_logits}
+    if target_outside_mass is None:
+        target_outside_mass = target_probs.new_zeros(target_probs.shape[:-1])
+    per_position = {
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "confidence_logits": confidence_logits,
+        "target_outside_mass": target_outside_mass,
+    }
     for name, tensor in per_position.items():
         if tensor is not None and tensor.shape != draft_logits.shape[:-1]:
             raise ValueError(
@@ -138,17 +200,20 @@ def dspark_loss(
             )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    block_size, vocab_size = draft_logits.shape[-2:]
     mask = loss_mask.bool()
     weights = position_weights(block_size, decay_gamma, draft_logits.device) * mask
     weight_sum = weights.sum()
     denominator = weight_sum.clamp_min(torch.finfo(torch.float32).tiny)
 
-    rows_per_chunk = chunk_size or max(1, _CHUNK_ELEMENTS // vocab_size)
+    label_index = labels.masked_fill(~mask, 0)
+    if vocab_ids is not None:
+        label_index = draft_index(vocab_ids, label_index)
+    rows_per_chunk = chunk_size or max(1, _CHUNK_ELEMENTS // width)
     ce, l1 = _ChunkedDistributionTerms.apply(
-        draft_logits.reshape(-1, vocab_size),
-        target_logits.detach().reshape(-1, vocab_size),
-        labels.masked_fill(~mask, 0).reshape(-1),
+        draft_logits.reshape(-1, width),
+        target_probs.detach().reshape(-1, width),
+        target_outside_mass.detach().reshape(-1).float(),
+        label_index.reshape(-1),
         rows_per_chunk,
     )
     ce, l1 = ce.view(labels.shape), l1.view(labels.shape)
@@ -180,4 +245,10 @@ def dspark_loss(
     )
 
 
-__all__ = ["DSparkLossOutput", "dspark_loss", "position_weights"]
+def draft_index(vocab_ids: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Index of each token in the sorted `vocab_ids`, -1 for tokens outside them."""
+    index = torch.searchsorted(vocab_ids, token_ids).clamp(max=vocab_ids.numel() - 1)
+    return torch.where(vocab_ids[index] == token_ids, index, -1)
+
+
+__all__ = ["DSparkLossOutput", "draft_index", "dspark_loss", "position_weights", "target_distribution"]

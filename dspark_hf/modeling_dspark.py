@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -18,12 +19,44 @@ from transformers.models.qwen3.modeling_qwen3 import (
     eager_attention_forward,
     rotate_half,
 )
-from transformers.utils import ModelOutput
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.utils import ModelOutput, logging
 
 from .configuration_dspark import DSparkConfig
 from .generation import DSparkGenerationMixin
 from .heads import ConfidenceHead, build_markov_head
 from .hub import DSparkHubMixin
+
+logger = logging.get_logger(__name__)
+
+
+def reserved_mask_token_id(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> int:
+    """A token id that ordinary text and the chat template never produce, for the block's mask slots.
+
+    A mask id that is a real token (e.g. the pad token, often the end-of-turn token) confuses the drafter's
+    inputs with genuine context. In order of preference: the tokenizer's own mask token; the last added
+    special token that is not BOS/EOS/PAD/UNK and not used by the chat template (as DeepSpec reserves one); an
+    id past the tokenizer's vocabulary (embedding rows no text maps to). Raises a ValueError when none exists.
+    """
+    if tokenizer.mask_token_id is not None:
+        return tokenizer.mask_token_id
+    used = set(tokenizer.all_special_ids)
+    if getattr(tokenizer, "chat_template", None):
+        conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+        used.update(tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=False))
+    candidates = [
+        token_id
+        for token_id, token in tokenizer.added_tokens_decoder.items()
+        if token.special and token_id not in used and token_id < vocab_size
+    ]
+    if candidates:
+        return max(candidates)
+    if len(tokenizer) < vocab_size:
+        return vocab_size - 1
+    raise ValueError(
+        "The tokenizer has no mask token, no unused special token and no spare vocabulary id; pass an "
+        "explicit mask_token_id."
+    )
 
 
 class DSparkContextCache:
@@ -200,12 +233,37 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         if config.draft_vocab_size is not None:
             self.register_buffer("draft_vocab_ids", torch.arange(config.draft_vocab_size))
         self.post_init()
+        self.freeze_target_copies()
+
+    def freeze_target_copies(self) -> None:
+        """Freeze `embed_tokens` and `lm_head`: copies of the target's, never trained (loading creates new
+        parameters, so `from_pretrained` calls this again)."""
         self.embed_tokens.requires_grad_(False)
         self.lm_head.requires_grad_(False)
 
     @classmethod
-    def from_target(cls, target_model: PreTrainedModel, **config_overrides) -> DSparkForCausalLM:
-        """A freshly initialised drafter for `target_model`, sharing copies of its embedding and LM head."""
+    def from_target(
+        cls,
+        target_model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        **config_overrides,
+    ) -> DSparkForCausalLM:
+        """A freshly initialised drafter for `target_model`, sharing copies of its embedding and LM head.
+
+        With the target's `tokenizer`, the mask token defaults to an id that text and the chat template never
+        produce (`reserved_mask_token_id`); an explicit `mask_token_id` wins.
+        """
+        if "mask_token_id" not in config_overrides:
+            if tokenizer is not None:
+                config_overrides["mask_token_id"] = reserved_mask_token_id(
+                    tokenizer, target_model.config.get_text_config(decoder=True).vocab_size
+                )
+            else:
+                logger.warning(
+                    "from_target without the target's tokenizer: mask_token_id defaults to the pad token "
+                    "(else the last id), which may be a real token such as end-of-turn. Pass "
+                    "`tokenizer=` to reserve an id that text never produces."
+                )
         config = DSparkConfig.from_target_config(target_model.config, **config_overrides)
         drafter = cls(config).to(target_model.dtype)
         with torch.no_grad():
@@ -225,7 +283,10 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
                     "dspark_hf loads safetensors checkpoints only. Convert them with safetensors first."
                 )
         kwargs["use_safetensors"] = True
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        model.freeze_target_copies()
+        return loaded
 
     def set_draft_vocab(self, token_ids: torch.Tensor | list[int] | None) -> None:
         """Restrict drafting to `token_ids` (e.g. from `frequency_ranked_vocab`), or lift it with None."""
@@ -294,6 +355,7 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         prev_token_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         context_cache: DSparkContextCache | None = None,
+        vocab_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> DSparkOutput:
         r"""
@@ -305,17 +367,24 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
             confidence heads.
         attention_mask: optional boolean [B, 1, L, cached+C+L] (True = attend) for packed multi-block
             training; None lets every block position see the whole context and block.
+        vocab_ids: optional [K] token ids; the logits then cover these ids only ([B, L, K]), which is how
+            training over the draft vocabulary avoids the vocabulary-sized work.
+
+        L is one block or several consecutive blocks of `config.block_size` positions; the Markov head starts
+        every block afresh, so a packed forward equals one forward per block.
         """
         hidden_states = self.backbone(
             input_ids, target_hidden_states, position_ids, attention_mask, context_cache
         )
-        base_logits = self.lm_head(hidden_states)
+        head_weight = self.lm_head.weight if vocab_ids is None else self.lm_head.weight[vocab_ids]
+        base_logits = F.linear(hidden_states, head_weight)
         logits = base_logits
         if self.markov_head is not None:
+            block_size = self.config.block_size if input_ids.shape[1] > self.config.block_size else None
             logits = (
                 None
                 if prev_token_ids is None
-                else base_logits + self.markov_head(prev_token_ids, hidden_states)
+                else base_logits + self.markov_head(prev_token_ids, hidden_states, block_size, vocab_ids)
             )
         return DSparkOutput(
             last_hidden_state=hidden_states,

@@ -28,11 +28,13 @@ from accelerate.utils import is_peft_model
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_peft_available
 
 from .generation import _decoder_layers
 from .hub import write_model_card
-from .loss import DSparkLossOutput, dspark_loss, position_weights
+from .loss import DSparkLossOutput, dspark_loss, position_weights, target_distribution
+from .time_budget import WallClockBudget
 from .training_args import DSparkTrainingArguments
 
 # Parameters copied from the target: frozen, never trained, never part of an adapter.
@@ -232,8 +234,16 @@ class DSparkTrainer(Trainer):
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             for split, rows in dataset.items() if isinstance(dataset, dict) else [(None, dataset)]:
                 check_dataset(rows, name if split is None else f"{name}[{split!r}]")
+        # However the drafter was made (fresh, loaded, adapted), the copies of the target's weights stay out
+        # of the optimizer.
+        for module_name in FROZEN_MODULES:
+            getattr(model, module_name).requires_grad_(False)
         if peft_config is not None:
             model = apply_peft(model, peft_config)
+        self._budget = None
+        if args.max_train_minutes is not None:
+            self._budget = WallClockBudget(args.max_train_minutes, args.lr_scheduler_type, args.warmup_steps)
+            callbacks = [*(callbacks or []), self._budget]
         if data_collator is None:
             pad_id = getattr(processing_class, "pad_token_id", None)
             data_collator = DSparkDataCollator(pad_id if pad_id is not None else model.config.mask_token_id)
@@ -262,6 +272,28 @@ class DSparkTrainer(Trainer):
         self._drafter_config = self.accelerator.unwrap_model(self.model).config
         # Per mode ("train"/"eval"): running sums of metric numerators and denominators since the last log.
         self._metric_sums: dict[str, torch.Tensor] = {}
+
+    # ---- wall-clock budget -------------------------------------------------------------------------------
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """Under `max_train_minutes` the rate follows the clock (see `WallClockBudget`), else the steps."""
+        if self._budget is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer or self.optimizer, self._budget.lr_factor
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """`Trainer.train`; a resumed run also continues the wall-clock budget of its checkpoint."""
+        if self._budget is not None and resume_from_checkpoint:
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint:
+                self._budget.restore(checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # ---- one step ----------------------------------------------------------------------------------------
 
@@ -326,6 +358,41 @@ class DSparkTrainer(Trainer):
                 hook.remove()
         return torch.cat([captured[i] for i in layer_ids], dim=-1), outputs.hidden_states[-1]
 
+    def _training_vocab(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The ids the drafter is trained to draft over: its draft vocabulary, extended (as at generation)
+        with the batch's prompt tokens; None for full-vocabulary training."""
+        vocab_ids = getattr(self.accelerator.unwrap_model(self.model), "draft_vocab_ids", None)
+        if vocab_ids is None or not self.args.draft_vocab_training:
+            return None
+        if self._drafter_config.extend_draft_vocab_with_prompt:
+            prompt = inputs["attention_mask"].bool() & ~inputs["loss_mask"].bool()
+            vocab_ids = torch.cat([vocab_ids, inputs["input_ids"][prompt].to(vocab_ids.device)]).unique()
+        return vocab_ids
+
+    @torch.no_grad()
+    def _target_distribution(
+        self, last_hidden: torch.Tensor, blocks: DSparkBlocks, vocab_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's next-token probabilities at every block position [B, A, block, K] (at `vocab_ids`)
+        and its mass outside them [B, A, block].
+
+        The distribution of the token after position p comes from the target's hidden state at p. Blocks
+        overlap, so the LM head runs once per distinct supervised position, not once per block slot.
+        """
+        batch, seq_len, width = last_hidden.shape
+        positions = blocks.block_positions.clamp(max=seq_len - 1)
+        flat = positions + seq_len * torch.arange(batch, device=positions.device)[:, None, None]
+        needed = flat[blocks.label_mask].unique()
+        if needed.numel() == 0:
+            needed = flat.new_zeros(1)
+        lookup = flat.new_zeros(batch * seq_len)
+        lookup[needed] = torch.arange(needed.numel(), device=needed.device)
+        # Under mixed precision the final norm may return float32 next to a bfloat16 head.
+        hidden = last_hidden.reshape(-1, width)[needed].to(self._target_lm_head.weight.dtype)
+        probs, outside = target_distribution(self._target_lm_head(hidden), vocab_ids)
+        rows = lookup[flat]  # unsupervised slots read an arbitrary row; their weight is 0
+        return probs[rows], outside[rows]
+
     def compute_loss(
         self,
         model: nn.Module,
@@ -342,28 +409,27 @@ class DSparkTrainer(Trainer):
             inputs["input_ids"], inputs["loss_mask"], anchors, keep, config.block_size, config.mask_token_id
         )
         features, last_hidden = self._target_states(inputs["input_ids"], inputs["attention_mask"])
+        vocab_ids = self._training_vocab(inputs)
         outputs = model(
             input_ids=blocks.input_ids,
             target_hidden_states=features,
             position_ids=blocks.position_ids,
             prev_token_ids=blocks.prev_token_ids,
             attention_mask=blocks.attention_mask,
+            vocab_ids=vocab_ids,
         )
         shape = blocks.labels.shape
-        with torch.no_grad():
-            # The target's distribution of the token after position p+k comes from its hidden state at p+k.
-            index = blocks.block_positions.flatten(1).clamp(max=last_hidden.shape[1] - 1)
-            gathered = last_hidden.gather(1, index[..., None].expand(-1, -1, last_hidden.shape[-1]))
-            # Under mixed precision the final norm may return float32 next to a bfloat16 head.
-            gathered = gathered.to(self._target_lm_head.weight.dtype)
-            target_logits = self._target_lm_head(gathered).view(*shape, -1)
+        target_probs, outside_mass = self._target_distribution(last_hidden, blocks, vocab_ids)
         confidence = outputs.confidence_logits
         result = dspark_loss(
             outputs.logits.view(*shape, -1),
-            target_logits,
+            None,
             blocks.labels,
             blocks.label_mask,
             None if confidence is None else confidence.view(shape),
+            vocab_ids=vocab_ids,
+            target_probs=target_probs,
+            target_outside_mass=outside_mass,
             ce_weight=self.args.ce_weight,
             l1_weight=self.args.l1_weight,
             confidence_weight=self.args.confidence_weight,

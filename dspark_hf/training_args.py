@@ -38,6 +38,18 @@ class DSparkTrainingArguments(TrainingArguments):
             the loss-masked response whose next token is also in the response. All blocks of a sequence are
             drafted in one packed forward.
 
+        > Parameters that control the training budget and the vocabulary
+
+        max_train_minutes (`float`, *optional*):
+            Wall-clock budget of training in minutes. Training ends when it is spent, and the learning-rate
+            schedule follows the clock instead of the step count: `warmup_steps` is then a fraction of the
+            budget, and the rate reaches its final value when the budget ends. `max_steps` /
+            `num_train_epochs` still cap the run. A resumed run continues the budget of its checkpoint.
+        draft_vocab_training (`bool`, *optional*, defaults to `True`):
+            When the drafter has a draft vocabulary (`set_draft_vocab`), compute its training logits over that
+            vocabulary plus the batch's prompt tokens only (what it can draft), with the target mass outside
+            as a constant of the L1 term (see `dspark_loss`). `False` trains over the full vocabulary.
+
         > Parameters whose defaults differ from [`~transformers.TrainingArguments`] (the DSpark recipe)
 
         learning_rate (`float`, *optional*, defaults to `6e-4`):
@@ -72,6 +84,19 @@ class DSparkTrainingArguments(TrainingArguments):
         default=512, metadata={"help": "Maximum number of block anchors sampled per sequence."}
     )
 
+    max_train_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "Wall-clock training budget (minutes) that ends training and drives the LR schedule."
+        },
+    )
+    draft_vocab_training: bool = field(
+        default=True,
+        metadata={
+            "help": "Train over the drafter's draft vocabulary (when it has one) instead of the full one."
+        },
+    )
+
     learning_rate: float = field(default=6e-4, metadata={"help": "Peak AdamW learning rate."})
     lr_scheduler_type: str = field(
         default="cosine", metadata={"help": "Learning-rate schedule after warmup."}
@@ -99,6 +124,14 @@ class DSparkTrainingArguments(TrainingArguments):
             raise ValueError(f"Loss weights must be >= 0; negative: {negative}.")
         if self.ce_weight == 0 and self.l1_weight == 0:
             raise ValueError("ce_weight and l1_weight are both 0: the draft distribution would not learn.")
+        if self.max_train_minutes is not None:
+            if not self.max_train_minutes > 0:
+                raise ValueError(f"max_train_minutes must be > 0, got {self.max_train_minutes}.")
+            if not 0 <= self.warmup_steps < 1:
+                raise ValueError(
+                    "With max_train_minutes, warmup_steps must be a fraction of the budget in [0, 1), got "
+                    f"{self.warmup_steps}."
+                )
         if self.remove_unused_columns:
             raise ValueError(
                 "remove_unused_columns=True would drop the `loss_mask` column the DSparkTrainer needs; "

@@ -81,7 +81,9 @@ def main(script_args: ScriptArguments, training_args: DSparkTrainingArguments) -
         drafter = DSparkForCausalLM.from_pretrained(script_args.drafter)
     else:
         shape = {"num_hidden_layers": script_args.num_draft_layers, "block_size": script_args.block_size}
-        drafter = DSparkForCausalLM.from_target(target, **{k: v for k, v in shape.items() if v is not None})
+        drafter = DSparkForCausalLM.from_target(
+            target, tokenizer=tokenizer, **{k: v for k, v in shape.items() if v is not None}
+        )
 
     peft_config = None
     if script_args.lora_r:

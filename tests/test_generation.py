@@ -392,23 +392,31 @@ def test_sampling_with_a_draft_sub_vocabulary_matches_the_exact_target_distribut
     assert sampled_continuation_p_value(target, drafter, SAMPLES) > SIGNIFICANCE
 
 
-def test_greedy_with_a_draft_sub_vocabulary_is_identical_and_drafts_only_from_it(monkeypatch):
+@pytest.mark.parametrize("with_prompt", [False, True])
+def test_greedy_with_a_draft_sub_vocabulary_is_identical_and_drafts_only_from_it(monkeypatch, with_prompt):
     target, successor = tiny_target("llama", successor_scale=SUCCESSOR_SCALE)
     drafter = tiny_drafter(target, "gated", successor)
     sub_vocab = torch.arange(0, VOCAB, 2)  # half of the tokens: the target often needs the other half
     drafter.set_draft_vocab(sub_vocab)
-    spy = DraftSpy(drafter, monkeypatch)
+    drafter.config.extend_draft_vocab_with_prompt = with_prompt
     accepted = 0
     for i, ids in enumerate(prompts(6, seed=3)):
+        spy = DraftSpy(drafter, monkeypatch)
         reference = target.generate(ids, do_sample=False, max_new_tokens=32)
         out = target.generate(ids, assistant_model=drafter, do_sample=False, max_new_tokens=32)
         assert torch.equal(out, reference), f"prompt {i} diverged"
         accepted += sum(drafter.last_stats.accepted)
-    drafted = torch.cat([tokens for _, tokens in spy.drafts])
-    assert torch.isin(drafted, sub_vocab).all()
-    for _, out, _ in spy.calls:  # the reported scores exclude the other tokens
-        for score in out.scores:
-            assert torch.isinf(score[0, 1::2]).all() and torch.isfinite(score[0, ::2]).all()
+        # Drafts come from the sub-vocabulary, extended by this request's prompt tokens when configured.
+        allowed = torch.zeros(VOCAB, dtype=torch.bool)
+        allowed[sub_vocab] = True
+        if with_prompt:
+            allowed[ids[0]] = True
+        drafted = torch.cat([tokens for _, tokens in spy.drafts])
+        assert allowed[drafted].all()
+        for _, call_out, _ in spy.calls:  # the reported scores exclude every other token
+            for score in call_out.scores:
+                assert torch.isinf(score[0, ~allowed]).all() and torch.isfinite(score[0, allowed]).all()
+        monkeypatch.undo()
     assert accepted > 0
 
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dspark_hf import dspark_loss
+from dspark_hf.loss import position_weights
 
 
 def reference_terms(draft, target, labels, mask, confidence, decay_gamma):
@@ -210,3 +211,50 @@ def test_bad_inputs_raise(kwargs, message):
     inputs.update(kwargs)
     with pytest.raises(ValueError, match=message):
         dspark_loss(**inputs)
+
+
+def test_draft_vocabulary_loss_equals_the_full_loss_of_a_drafter_with_no_mass_outside():
+    """Over a draft vocabulary S the loss is the full-vocabulary loss of a drafter whose logits are -inf
+    outside S: L1 adds the target mass outside S as a constant, and labels outside S give no CE."""
+    torch.manual_seed(0)
+    vocab, block = 11, 3
+    vocab_ids = torch.tensor([0, 2, 3, 7, 10])
+    draft = torch.randn(4, block, vocab_ids.numel(), requires_grad=True)
+    target = torch.randn(4, block, vocab) * 2
+    labels = torch.randint(0, vocab, (4, block))
+    labels[0, 0], labels[1, 0] = 3, 5  # one label inside S, one outside
+    mask = torch.ones(4, block, dtype=torch.bool)
+    restricted = dspark_loss(draft, target, labels, mask, vocab_ids=vocab_ids)
+
+    full = torch.full((4, block, vocab), float("-inf")).index_copy(-1, vocab_ids, draft.detach())
+    p_draft, p_target = full.softmax(-1), target.softmax(-1)
+    l1 = (p_draft - p_target).abs().sum(-1)
+    inside = torch.isin(labels, vocab_ids)
+    ce = torch.where(inside, -full.log_softmax(-1).gather(-1, labels[..., None]).squeeze(-1), 0.0)
+    weights = position_weights(block, 4.0).expand(4, -1)
+    torch.testing.assert_close(restricted.l1_loss, (l1 * weights).sum() / weights.sum())
+    torch.testing.assert_close(restricted.ce_loss, (ce * weights).sum() / weights.sum())
+    torch.testing.assert_close(restricted.acceptance, (1 - 0.5 * l1).mean(0))
+
+    # Gradients: those of the full loss through the ids in S (finite differences on one logit).
+    restricted.loss.backward()
+    step = 1e-3
+    bumped = draft.detach().clone()
+    bumped[2, 1, 3] += step
+    plus = dspark_loss(bumped, target, labels, mask, vocab_ids=vocab_ids).loss
+    bumped[2, 1, 3] -= 2 * step
+    minus = dspark_loss(bumped, target, labels, mask, vocab_ids=vocab_ids).loss
+    torch.testing.assert_close(draft.grad[2, 1, 3], (plus - minus) / (2 * step), rtol=1e-2, atol=1e-4)
+
+    # The same numbers from precomputed target probabilities.
+    probs = target.softmax(-1)[..., vocab_ids]
+    again = dspark_loss(
+        draft,
+        None,
+        labels,
+        mask,
+        vocab_ids=vocab_ids,
+        target_probs=probs,
+        target_outside_mass=1 - probs.sum(-1),
+    )
+    torch.testing.assert_close(again.loss, restricted.loss)

@@ -54,3 +54,22 @@ def test_quickstart_runs_end_to_end_on_a_tiny_budget(tmp_path):
     )
     drafter = DSparkForCausalLM.from_pretrained(tmp_path / "drafter")
     assert drafter.config.draft_vocab_size and (tmp_path / "drafter" / "README.md").exists()
+
+
+def test_from_target_with_the_tokenizer_reserves_a_mask_token_text_never_produces(reference, caplog):
+    from dspark_hf.data import build_dataset, load_reference_train_rows
+
+    target, tokenizer = reference
+    drafter = DSparkForCausalLM.from_target(target, tokenizer=tokenizer, num_hidden_layers=1)
+    mask = drafter.config.mask_token_id
+    assert mask not in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
+    rows = build_dataset(load_reference_train_rows(limit=50), tokenizer, max_length=512)
+    assert all(mask not in ids for ids in rows["input_ids"])  # neither text nor the chat template
+    explicit = DSparkForCausalLM.from_target(
+        target, tokenizer=tokenizer, num_hidden_layers=1, mask_token_id=5
+    )
+    assert explicit.config.mask_token_id == 5
+    with caplog.at_level("WARNING"):
+        plain = DSparkForCausalLM.from_target(target, num_hidden_layers=1)
+    assert plain.config.mask_token_id == tokenizer.pad_token_id  # the old rule, with a warning
+    assert "tokenizer" in caplog.text

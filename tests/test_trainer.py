@@ -42,11 +42,10 @@ def make_target(seed=0, vocab_size=VOCAB, hidden_size=32):
     return target
 
 
-def make_drafter(target, seed=1):
+def make_drafter(target, seed=1, **overrides):
     torch.manual_seed(seed)
-    return DSparkForCausalLM.from_target(
-        target, num_hidden_layers=1, markov_rank=8, block_size=BLOCK, target_layer_ids=[0, 2]
-    )
+    settings = {"num_hidden_layers": 1, "markov_rank": 8, "block_size": BLOCK, "target_layer_ids": [0, 2]}
+    return DSparkForCausalLM.from_target(target, **{**settings, **overrides})
 
 
 @torch.no_grad()
@@ -137,9 +136,10 @@ def test_build_blocks_layout():
         assert mask[query].tolist() == expected
 
 
-def test_packed_forward_equals_blocks_drafted_one_by_one():
+@pytest.mark.parametrize("head", ["vanilla", "gated", "rnn"])
+def test_packed_forward_equals_blocks_drafted_one_by_one(head):
     target = make_target()
-    drafter = make_drafter(target).eval()
+    drafter = make_drafter(target, markov_head_type=head).eval()
     rows = make_rows(target, 2)
     batch = DSparkDataCollator(pad_token_id=0)(rows)
     anchors, keep = sample_anchors(batch["loss_mask"], 5, seeds=[3, 4])
@@ -384,6 +384,117 @@ def test_lora_trains_saves_a_small_adapter_and_merges(tmp_path):
         merged = reloaded.merge_and_unload()
         assert isinstance(merged, DSparkForCausalLM)
         torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def _train_a_few_steps(drafter, target, output_dir, **overrides):
+    trainer = DSparkTrainer(
+        model=drafter,
+        target_model=target,
+        args=make_args(output_dir, **overrides),
+        train_dataset=Dataset.from_list(make_rows(target, 4)),
+    )
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("how", ["from_pretrained", "AutoModel", "from_pretrained+lora"])
+def test_target_copies_stay_frozen_after_loading(tmp_path, how):
+    from peft import LoraConfig
+    from transformers import AutoModel
+
+    target = make_target()
+    make_drafter(target).save_pretrained(tmp_path / "saved")
+    loader = AutoModel if how == "AutoModel" else DSparkForCausalLM
+    drafter = loader.from_pretrained(tmp_path / "saved")
+    assert not drafter.embed_tokens.weight.requires_grad and not drafter.lm_head.weight.requires_grad
+    before = snapshot(drafter)
+    peft_config = None
+    if how.endswith("lora"):
+        peft_config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type=None)
+    trainer = DSparkTrainer(
+        model=drafter,
+        target_model=target,
+        args=make_args(tmp_path / "run", max_steps=3),
+        train_dataset=Dataset.from_list(make_rows(target, 4)),
+        peft_config=peft_config,
+    )
+    trainer.train()
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(drafter.get_parameter(name), before[name]), name
+        assert id(drafter.get_parameter(name)) not in optimized, name
+    assert optimized  # something did train
+
+
+def test_time_budget_ends_training_with_the_final_learning_rate(tmp_path):
+    target = make_target()
+    trainer = _train_a_few_steps(
+        make_drafter(target),
+        target,
+        tmp_path,
+        max_steps=100_000,
+        max_train_minutes=0.02,
+        warmup_steps=0.1,
+        per_device_train_batch_size=2,
+    )
+    steps = trainer.state.global_step
+    assert 2 < steps < 100_000
+    assert trainer.lr_scheduler.get_last_lr()[0] == 0.0  # cosine annealed to its end
+    rates = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    assert max(rates) > 0.5 * 1e-2  # it did reach (nearly) the peak rate in between
+
+
+def test_time_budget_needs_a_fractional_warmup(tmp_path):
+    with pytest.raises(ValueError, match="fraction of the budget"):
+        make_args(tmp_path, max_train_minutes=1.0, warmup_steps=10)
+
+
+def _loss_and_grads(trainer, batch):
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("head", ["vanilla", "rnn"])
+def test_draft_vocab_training_over_the_whole_vocabulary_equals_full_training(tmp_path, head):
+    target = make_target()
+    rows = make_rows(target, 3)
+    batch = DSparkDataCollator(pad_token_id=0)(rows)
+    batch["anchors"], batch["anchor_keep"] = sample_anchors(batch["loss_mask"], 6, seeds=[1, 2, 3])
+    results = []
+    for vocab in (None, torch.arange(VOCAB)):
+        drafter = make_drafter(target, markov_head_type=head)
+        if vocab is not None:
+            drafter.set_draft_vocab(vocab)
+        trainer = DSparkTrainer(
+            model=drafter,
+            target_model=target,
+            args=make_args(tmp_path, max_steps=1),
+            train_dataset=Dataset.from_list(rows),
+        )
+        results.append(_loss_and_grads(trainer, batch))
+    (full_loss, full_grads), (vocab_loss, vocab_grads) = results
+    torch.testing.assert_close(vocab_loss, full_loss)
+    assert full_grads.keys() == vocab_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(vocab_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_draft_vocab_training_learns_over_the_draft_vocab_and_the_prompt_tokens(tmp_path):
+    target = make_target()
+    drafter = make_drafter(target)
+    drafter.set_draft_vocab(torch.arange(0, VOCAB, 2))  # half the vocabulary
+    trainer = _train_a_few_steps(drafter, target, tmp_path, max_steps=30)
+    losses = train_losses(trainer)
+    assert sum(losses[-5:]) < sum(losses[:5])
+    # The step's vocabulary: the draft vocabulary plus the batch's prompt tokens (as at generation).
+    batch = DSparkDataCollator(pad_token_id=0)(make_rows(target, 2))
+    vocab = trainer._training_vocab(batch)
+    assert torch.equal(
+        vocab, torch.cat([drafter.draft_vocab_ids, batch["input_ids"][:, :PROMPT].flatten()]).unique()
+    )
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------
