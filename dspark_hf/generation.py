@@ -408,7 +408,7 @@ class DSparkGenerationMixin(GenerationMixin):
                 self._round_log.close()
             self._round_log = _RoundLog(generation_config, record_confidence=record)
             tap.rounds = self._round_log
-            self._request_vocab_ids = self._draft_vocab_for(input_ids[0])
+            self._request_vocab_ids = self.draft_vocab_for(input_ids[0])
         block_size = self.config.block_size
         limit = block_size if max_new_tokens is None else min(max_new_tokens, block_size)
         scores: tuple[torch.Tensor, ...] = ()
@@ -508,8 +508,9 @@ class DSparkGenerationMixin(GenerationMixin):
         positions = torch.arange(new_start, context.end, device=self.device)
         return features.to(self.device, self.dtype), positions, context.end == anchor
 
-    def _draft_vocab_for(self, prompt_ids: torch.Tensor) -> torch.Tensor | None:
-        """The ids a request drafts over: the draft vocabulary plus, when configured, the prompt's tokens."""
+    def draft_vocab_for(self, prompt_ids: torch.Tensor) -> torch.Tensor | None:
+        """The ids a request with this prompt drafts over: the draft vocabulary plus, when configured, the
+        prompt's tokens (None: the full vocabulary)."""
         vocab_ids = getattr(self, "draft_vocab_ids", None)
         if vocab_ids is None or not self.config.extend_draft_vocab_with_prompt:
             return vocab_ids
@@ -519,7 +520,8 @@ class DSparkGenerationMixin(GenerationMixin):
         vocab_ids = self._request_vocab_ids
         markov_w2 = None if self.markov_head is None else self.markov_head.markov_w2.weight
         sources = [t for t in (self.lm_head.weight, markov_w2, vocab_ids) if t is not None]
-        key = tuple((t.data_ptr(), t._version) for t in sources)
+        # Inference tensors (made under torch.inference_mode) have no version counter and cannot change.
+        key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in sources)
         cached = self._drafting_weights_cache
         if cached is None or cached.key != key:
 

@@ -356,6 +356,7 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         attention_mask: torch.Tensor | None = None,
         context_cache: DSparkContextCache | None = None,
         vocab_ids: torch.LongTensor | None = None,
+        detach_confidence_input: bool = False,
         **kwargs,
     ) -> DSparkOutput:
         r"""
@@ -369,6 +370,8 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
             training; None lets every block position see the whole context and block.
         vocab_ids: optional [K] token ids; the logits then cover these ids only ([B, L, K]), which is how
             training over the draft vocabulary avoids the vocabulary-sized work.
+        detach_confidence_input: give the confidence head detached hidden states, so that a confidence loss
+            trains the head alone.
 
         L is one block or several consecutive blocks of `config.block_size` positions; the Markov head starts
         every block afresh, so a packed forward equals one forward per block.
@@ -390,7 +393,9 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
             last_hidden_state=hidden_states,
             base_logits=base_logits,
             logits=logits,
-            confidence_logits=self.confidence(hidden_states, prev_token_ids),
+            confidence_logits=self.confidence(
+                hidden_states.detach() if detach_confidence_input else hidden_states, prev_token_ids
+            ),
             context_cache=context_cache,
         )
 

@@ -17,35 +17,48 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import TrainerCallback
 
 from .benchmarking import encode_chat_prompt, json_safe, run_interleaved, summarize, timed_generate
-from .data import build_dataset, load_prompts, load_reference_train_rows
-from .draft_vocab import frequency_ranked_vocab
+from .data import build_dataset, load_prompts, reference_training_rows
+from .draft_vocab import load_token_ranking, ranked_vocab
 from .modeling_dspark import DSparkForCausalLM
+from .recipes import get_recipe
 from .reference_target import load_reference_target
 from .scheduling import profile_cost
 from .trainer import DSparkTrainer
 from .training_args import DSparkTrainingArguments
 
+TRAINING_DATA_DESCRIPTION = (
+    "the reference target's own greedy answers vendored in dspark_hf/resources: smollm2_train.jsonl "
+    "(GSM8K test rows 100-249 and 150 ShareGPT V3 first turns, <= 256 new tokens) and "
+    "smollm2_onpolicy_512.jsonl.gz rows 0-2010 (GSM8K test rows 250-1318 and ShareGPT V3 first turns, "
+    "<= 512 new tokens)"
+)
+
 
 @dataclass
 class QuickstartOptions:
-    """Defaults sized so that the whole job finishes within about 20 minutes on 2 CPU cores."""
+    """Defaults sized so that the whole job finishes within about 20 minutes on 2 CPU cores; the recipe
+    defaults follow the equal-budget ablation in benchmarks/README.md."""
 
     output_dir: str = "outputs/quickstart"
-    # drafter
+    # what the drafter is and how it learns (dspark_hf.recipes: dspark, dflash, dflash_same_recipe)
+    recipe: str = "dspark"
     num_hidden_layers: int = 2
     block_size: int = 7
     markov_rank: int = 128
     markov_head_type: str = "vanilla"
-    # drafting over the most frequent tokens of the training answers (0: the full vocabulary)
-    draft_vocab_size: int = 8192
-    # training
-    max_steps: int = 300
+    # drafting (and training) over the top ids of the broad-corpus token ranking plus each prompt's tokens
+    # (0: the full vocabulary)
+    draft_vocab_size: int = 16384
+    # training: a wall-clock budget that the learning rate anneals over; max_steps only caps it
     max_train_minutes: float = 12.0
+    max_steps: int = 100_000
     learning_rate: float = 6e-4
     num_anchors: int = 64
+    ce_warmup_fraction: float = 0.0
+    markov_head_lr_multiplier: float = 1.0
+    confidence_detach_backbone: bool = False
     max_length: int = 384
     per_device_train_batch_size: int = 1
     gradient_accumulation_steps: int = 2
@@ -56,78 +69,75 @@ class QuickstartOptions:
     threads: int = 0  # torch CPU threads; 0 uses every core
 
 
-class TimeBudget(TrainerCallback):
-    """Stops training once the wall-clock budget is spent, so the main job stays bounded on slow machines."""
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.start = time.perf_counter()
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.perf_counter() - self.start > self.seconds:
-            control.should_training_stop = True
-        return control
-
-
-def train_drafter(target, tokenizer, options: QuickstartOptions) -> DSparkForCausalLM:
-    """Train a fresh drafter for `target` on the bundled training rows."""
-    rows = load_reference_train_rows()
-    dataset = build_dataset(rows, tokenizer, max_length=options.max_length)
+def build_drafter(target, tokenizer, options: QuickstartOptions) -> DSparkForCausalLM:
+    """A fresh drafter of the options' shape and recipe, drafting over the reference draft vocabulary."""
+    recipe = get_recipe(options.recipe)
+    shape = {
+        "num_hidden_layers": options.num_hidden_layers,
+        "block_size": options.block_size,
+        "markov_rank": options.markov_rank,
+        "markov_head_type": options.markov_head_type,
+    }
     drafter = DSparkForCausalLM.from_target(
         target,
-        num_hidden_layers=options.num_hidden_layers,
-        block_size=options.block_size,
-        markov_rank=options.markov_rank,
-        markov_head_type=options.markov_head_type,
+        tokenizer=tokenizer,
         target_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
+        **{**shape, **recipe.drafter},
     )
-    args = DSparkTrainingArguments(
-        output_dir=str(Path(options.output_dir) / "checkpoints"),
-        max_steps=options.max_steps,
-        learning_rate=options.learning_rate,
-        num_anchors=options.num_anchors,
-        per_device_train_batch_size=options.per_device_train_batch_size,
-        gradient_accumulation_steps=options.gradient_accumulation_steps,
-        logging_steps=10,
-        save_strategy="no",
-        report_to=[],
-        seed=options.seed,
-        dataloader_num_workers=0,
-    )
+    if options.draft_vocab_size:
+        ranking = load_token_ranking()
+        drafter.set_draft_vocab(ranked_vocab(ranking, options.draft_vocab_size, [tokenizer.eos_token_id]))
+    return drafter
+
+
+def training_arguments(options: QuickstartOptions, **overrides) -> DSparkTrainingArguments:
+    """The options' `DSparkTrainingArguments`, with the recipe's loss weights."""
+    settings = {
+        "output_dir": str(Path(options.output_dir) / "checkpoints"),
+        "max_steps": options.max_steps,
+        "max_train_minutes": options.max_train_minutes,
+        "learning_rate": options.learning_rate,
+        "num_anchors": options.num_anchors,
+        "ce_warmup_fraction": options.ce_warmup_fraction,
+        "markov_head_lr_multiplier": options.markov_head_lr_multiplier,
+        "confidence_detach_backbone": options.confidence_detach_backbone,
+        "per_device_train_batch_size": options.per_device_train_batch_size,
+        "gradient_accumulation_steps": options.gradient_accumulation_steps,
+        "logging_steps": 10,
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": options.seed,
+        "dataloader_num_workers": 0,
+        **get_recipe(options.recipe).training,
+    }
+    return DSparkTrainingArguments(**{**settings, **overrides})
+
+
+def train_drafter(target, tokenizer, options: QuickstartOptions) -> tuple[DSparkForCausalLM, DSparkTrainer]:
+    """Train a fresh drafter for `target` on the vendored training rows; returns it and its trainer."""
+    dataset = build_dataset(reference_training_rows("train"), tokenizer, max_length=options.max_length)
     trainer = DSparkTrainer(
-        model=drafter,
+        model=build_drafter(target, tokenizer, options),
         target_model=target,
-        args=args,
+        args=training_arguments(options),
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[TimeBudget(options.max_train_minutes * 60)],
     )
     trainer.train()
-    drafter = trainer.model.eval()
-    if options.draft_vocab_size:
-        drafter.set_draft_vocab(
-            frequency_ranked_vocab(
-                dataset["input_ids"],
-                options.draft_vocab_size,
-                loss_masks=dataset["loss_mask"],
-                always_include=[tokenizer.eos_token_id],
-            )
-        )
-    drafter.save_pretrained(
-        Path(options.output_dir) / "drafter",
-        training_info={
-            "dataset": "dspark_hf/resources/smollm2_train.jsonl (GSM8K train prompts + ShareGPT first turns, "
-            "answers regenerated greedily by the target)",
-            "steps": trainer.state.global_step,
-            "learning_rate": options.learning_rate,
-            "num_anchors": options.num_anchors,
-            "command": "dspark quickstart",
-        },
-    )
-    return drafter
+    return trainer.model.eval(), trainer
+
+
+def held_out_acceptance(trainer: DSparkTrainer, tokenizer, options: QuickstartOptions) -> dict[str, float]:
+    """Teacher-forced acceptance per block position and expected tau on the held-out on-policy rows (the
+    same 64 anchors per row for every drafter), as the drafter drafts (over its draft vocabulary)."""
+    held_out = build_dataset(reference_training_rows("held_out"), tokenizer, max_length=options.max_length)
+    trainer.args.num_anchors, trainer.args.per_device_eval_batch_size = 64, 2
+    metrics = trainer.evaluate(held_out)
+    return {
+        key.removeprefix("eval_"): value
+        for key, value in metrics.items()
+        if key.startswith(("eval_acceptance", "eval_expected_tau", "eval_ce_loss", "eval_l1_loss"))
+    }
 
 
 def evaluate(target, tokenizer, drafter, options: QuickstartOptions) -> dict:
@@ -203,6 +213,36 @@ def format_report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def save_drafter(drafter, trainer: DSparkTrainer, results: dict, options: QuickstartOptions) -> None:
+    """Save the drafter with a card that names its data and carries what this run measured."""
+    prompts = f"{options.eval_prompts_per_set} each of GSM8K, MT-Bench, HumanEval"
+    measured = {
+        f"{label} ({prompts})": {
+            "tau": results[name]["tau"],
+            "speedup": results[name]["speedup_vs_plain"],
+        }
+        for name, label in (("dspark", "full block"), ("dspark_scheduled", "confidence scheduling"))
+    }
+    drafter.save_pretrained(
+        Path(options.output_dir) / "drafter",
+        training_info={
+            "dataset": TRAINING_DATA_DESCRIPTION,
+            "recipe": get_recipe(options.recipe).description,
+            "steps": trainer.state.global_step,
+            "minutes": options.max_train_minutes,
+            "learning_rate": options.learning_rate,
+            "num_anchors": options.num_anchors,
+            "command": "dspark quickstart",
+        },
+        results={
+            **measured,
+            "command": "dspark quickstart",
+            "decoding": f"greedy, {options.max_new_tokens} new tokens, against plain target.generate()",
+            "hardware": f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads",
+        },
+    )
+
+
 def run_quickstart(options: QuickstartOptions | None = None) -> dict:
     """Prepare the target, train a drafter, evaluate it; returns (and writes) the results."""
     options = options or QuickstartOptions()
@@ -211,15 +251,15 @@ def run_quickstart(options: QuickstartOptions | None = None) -> dict:
     started = time.perf_counter()
     print("[1/3] preparing the target (SmolLM2-135M-Instruct; the first run converts the GGUF, ~30 s)")
     target, tokenizer = load_reference_target()
-    print(
-        f"[2/3] training a DSpark drafter (at most {options.max_steps} steps, "
-        f"{options.max_train_minutes} min)"
-    )
-    drafter = train_drafter(target, tokenizer, options)
+    print(f"[2/3] training a drafter ({options.recipe} recipe, {options.max_train_minutes} min)")
+    drafter, trainer = train_drafter(target, tokenizer, options)
     print("[3/3] evaluating against plain decoding")
     results = evaluate(target, tokenizer, drafter, options)
+    results["training"] = {"steps": trainer.state.global_step, "recipe": options.recipe}
+    results["held_out_teacher_forced"] = held_out_acceptance(trainer, tokenizer, options)
     results["options"] = asdict(options)
     results["total_minutes"] = (time.perf_counter() - started) / 60
+    save_drafter(drafter, trainer, results, options)
     out = Path(options.output_dir) / "results.json"
     out.write_text(json.dumps(json_safe(results), indent=2) + "\n")
     print(format_report(results))
@@ -232,4 +272,12 @@ def run_quickstart(options: QuickstartOptions | None = None) -> dict:
     return results
 
 
-__all__ = ["QuickstartOptions", "run_quickstart", "train_drafter", "evaluate"]
+__all__ = [
+    "QuickstartOptions",
+    "build_drafter",
+    "evaluate",
+    "held_out_acceptance",
+    "run_quickstart",
+    "train_drafter",
+    "training_arguments",
+]

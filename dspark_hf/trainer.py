@@ -275,6 +275,38 @@ class DSparkTrainer(Trainer):
 
     # ---- wall-clock budget -------------------------------------------------------------------------------
 
+    def _training_progress(self) -> float:
+        """Fraction of training done: of the wall-clock budget when there is one, else of the steps."""
+        if self._budget is not None:
+            return self._budget.progress()
+        return self.state.global_step / max(self.state.max_steps, 1)
+
+    def _distribution_weights(self, training: bool) -> dict[str, float]:
+        """CE and L1 weights of this step: cross-entropy only during `ce_warmup_fraction` of training."""
+        if training and self._training_progress() < self.args.ce_warmup_fraction:
+            return {"ce_weight": 1.0, "l1_weight": 0.0}
+        return {"ce_weight": self.args.ce_weight, "l1_weight": self.args.l1_weight}
+
+    def create_optimizer(self, model: nn.Module | None = None):
+        """`Trainer.create_optimizer`, then the Markov head's parameters get their own learning rate."""
+        created = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        multiplier = self.args.markov_head_lr_multiplier
+        if multiplier == 1.0 or not created:
+            return optimizer
+        markov = {id(p) for n, p in self.model.named_parameters() if "markov_head." in n and p.requires_grad}
+        groups = []
+        for group in optimizer.param_groups:
+            for is_markov in (False, True):
+                params = [p for p in group["params"] if (id(p) in markov) == is_markov]
+                if params:
+                    lr = group["lr"] * (multiplier if is_markov else 1.0)
+                    groups.append({**group, "params": params, "lr": lr})
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         """Under `max_train_minutes` the rate follows the clock (see `WallClockBudget`), else the steps."""
         if self._budget is None or self.lr_scheduler is not None:
@@ -417,6 +449,7 @@ class DSparkTrainer(Trainer):
             prev_token_ids=blocks.prev_token_ids,
             attention_mask=blocks.attention_mask,
             vocab_ids=vocab_ids,
+            detach_confidence_input=self.args.confidence_detach_backbone,
         )
         shape = blocks.labels.shape
         target_probs, outside_mass = self._target_distribution(last_hidden, blocks, vocab_ids)
@@ -430,8 +463,7 @@ class DSparkTrainer(Trainer):
             vocab_ids=vocab_ids,
             target_probs=target_probs,
             target_outside_mass=outside_mass,
-            ce_weight=self.args.ce_weight,
-            l1_weight=self.args.l1_weight,
+            **self._distribution_weights(model.training),
             confidence_weight=self.args.confidence_weight,
             decay_gamma=self.args.decay_gamma,
         )

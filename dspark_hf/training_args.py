@@ -30,6 +30,17 @@ class DSparkTrainingArguments(TrainingArguments):
         decay_gamma (`float`, *optional*, defaults to `4.0`):
             Block position k (0-based) is weighted by `exp(-k / decay_gamma)`: a rejection ends the block, so
             early positions matter most.
+        ce_warmup_fraction (`float`, *optional*, defaults to `0.0`):
+            Fraction of training (of the wall-clock budget with `max_train_minutes`, else of the steps) that
+            uses cross-entropy only (`ce_weight` 1, `l1_weight` 0) before the configured mix.
+        confidence_detach_backbone (`bool`, *optional*, defaults to `False`):
+            Feed the confidence head detached hidden states, so its loss trains the head only.
+
+        > Parameters that control the optimizer
+
+        markov_head_lr_multiplier (`float`, *optional*, defaults to `1.0`):
+            The Markov head's learning rate is `learning_rate` times this; its low-rank factors start at
+            N(0, 0.02) and otherwise grow slowly towards the backbone's logit scale.
 
         > Parameters that control the drafted blocks
 
@@ -80,6 +91,15 @@ class DSparkTrainingArguments(TrainingArguments):
     decay_gamma: float = field(
         default=4.0, metadata={"help": "Block position k (0-based) is weighted by exp(-k / decay_gamma)."}
     )
+    ce_warmup_fraction: float = field(
+        default=0.0, metadata={"help": "Fraction of training with cross-entropy only, before the mix."}
+    )
+    confidence_detach_backbone: bool = field(
+        default=False, metadata={"help": "Train the confidence head on detached hidden states."}
+    )
+    markov_head_lr_multiplier: float = field(
+        default=1.0, metadata={"help": "Learning-rate multiplier of the Markov head's parameters."}
+    )
     num_anchors: int = field(
         default=512, metadata={"help": "Maximum number of block anchors sampled per sequence."}
     )
@@ -124,6 +144,10 @@ class DSparkTrainingArguments(TrainingArguments):
             raise ValueError(f"Loss weights must be >= 0; negative: {negative}.")
         if self.ce_weight == 0 and self.l1_weight == 0:
             raise ValueError("ce_weight and l1_weight are both 0: the draft distribution would not learn.")
+        if not 0.0 <= self.ce_warmup_fraction < 1.0:
+            raise ValueError(f"ce_warmup_fraction must be in [0, 1), got {self.ce_warmup_fraction}.")
+        if not self.markov_head_lr_multiplier > 0:
+            raise ValueError(f"markov_head_lr_multiplier must be > 0, got {self.markov_head_lr_multiplier}.")
         if self.max_train_minutes is not None:
             if not self.max_train_minutes > 0:
                 raise ValueError(f"max_train_minutes must be > 0, got {self.max_train_minutes}.")

@@ -420,6 +420,18 @@ def test_greedy_with_a_draft_sub_vocabulary_is_identical_and_drafts_only_from_it
     assert accepted > 0
 
 
+def test_greedy_with_a_draft_sub_vocabulary_under_inference_mode_is_identical():
+    """Benchmarks generate under `torch.inference_mode`, whose tensors carry no version counter."""
+    target, successor = tiny_target("llama", successor_scale=SUCCESSOR_SCALE)
+    drafter = tiny_drafter(target, "gated", successor)
+    with torch.inference_mode():
+        drafter.set_draft_vocab(torch.arange(0, VOCAB, 2))
+        for i, ids in enumerate(prompts(3, seed=4)):
+            reference = target.generate(ids, do_sample=False, max_new_tokens=16)
+            out = target.generate(ids, assistant_model=drafter, do_sample=False, max_new_tokens=16)
+            assert torch.equal(out, reference), f"prompt {i} diverged"
+
+
 def test_sampling_test_catches_misreported_draft_logits(monkeypatch):
     """Negative control: a drafter reporting logits other than those it sampled from breaks losslessness."""
     target, drafter = sampling_setup()

@@ -497,6 +497,57 @@ def test_draft_vocab_training_learns_over_the_draft_vocab_and_the_prompt_tokens(
     )
 
 
+def test_ce_warmup_trains_cross_entropy_only_at_first(pair, tmp_path):
+    target, drafter, dataset = pair
+    trainer = DSparkTrainer(
+        model=drafter,
+        target_model=target,
+        args=make_args(tmp_path, max_steps=10, ce_warmup_fraction=0.3),
+        train_dataset=dataset,
+    )
+    trainer.state.max_steps = 10
+    weights = []
+    for step in (0, 2, 3, 9):
+        trainer.state.global_step = step
+        weights.append(trainer._distribution_weights(training=True))
+    assert weights[:2] == [{"ce_weight": 1.0, "l1_weight": 0.0}] * 2
+    assert weights[2:] == [{"ce_weight": 0.1, "l1_weight": 0.9}] * 2
+    trainer.state.global_step = 0
+    assert trainer._distribution_weights(training=False) == {"ce_weight": 0.1, "l1_weight": 0.9}
+
+
+def test_markov_head_learning_rate_multiplier(tmp_path):
+    target = make_target()
+    trainer = _train_a_few_steps(make_drafter(target), target, tmp_path, markov_head_lr_multiplier=10.0)
+    markov = {id(p) for p in trainer.model.markov_head.parameters()}
+    rates = {
+        (id(group["params"][0]) in markov, all(id(p) in markov for p in group["params"])): group["lr"]
+        for group in trainer.optimizer.param_groups
+    }
+    assert set(rates) == {(False, False), (True, True)}  # markov parameters in groups of their own
+    assert rates[(True, True)] == pytest.approx(10 * rates[(False, False)])
+    grouped = [id(p) for group in trainer.optimizer.param_groups for p in group["params"]]
+    trainable = [id(p) for p in trainer.model.parameters() if p.requires_grad]
+    assert sorted(grouped) == sorted(trainable)
+
+
+def test_detached_confidence_input_trains_the_head_only():
+    target = make_target()
+    drafter = make_drafter(target)
+    inputs = {
+        "input_ids": torch.randint(0, VOCAB, (1, BLOCK)),
+        "target_hidden_states": torch.randn(1, 6, 2 * 32),
+        "position_ids": torch.arange(6 + BLOCK)[None],
+        "prev_token_ids": torch.randint(0, VOCAB, (1, BLOCK)),
+    }
+    for detach in (False, True):
+        drafter.zero_grad()
+        drafter(**inputs, detach_confidence_input=detach).confidence_logits.sum().backward()
+        assert drafter.confidence_head.proj.weight.grad.abs().sum() > 0
+        backbone = drafter.fc.weight.grad
+        assert (backbone is None or backbone.abs().sum() == 0) == detach
+
+
 # ---- bad input ---------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,112 @@
+"""Equal-budget recipe ablation on the reference target: each variant trains a fresh drafter for the same
+wall-clock budget (the learning rate annealed over it) on the same vendored on-policy data, then scores
+teacher-forced acceptance per block position and expected tau on the 100 held-out on-policy rows.
+
+    # two variants side by side, one thread each (~23 min for a 20-minute budget)
+    python benchmarks/recipe_ablation.py --variant base --minutes 20 --threads 1 &
+    python benchmarks/recipe_ablation.py --variant ce_warmup --minutes 20 --threads 1 &
+    wait
+    python benchmarks/recipe_ablation.py --summarize     # the table in benchmarks/README.md
+
+Every variant starts from the quickstart's options (`dspark_hf.quickstart.QuickstartOptions`) and changes
+one of them; results land in `benchmarks/results/ablation/<variant>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from dspark_hf.quickstart import QuickstartOptions, held_out_acceptance, train_drafter
+from dspark_hf.reference_target import load_reference_target
+
+RESULTS = Path(__file__).resolve().parent / "results" / "ablation"
+# The recipe of the quickstart before this ablation, then one change per variant.
+BASE = {
+    "ce_warmup_fraction": 0.0,
+    "markov_head_lr_multiplier": 1.0,
+    "confidence_detach_backbone": False,
+    "num_anchors": 64,
+}
+VARIANTS: dict[str, dict] = {
+    "base": {},
+    "ce_warmup": {"ce_warmup_fraction": 0.25},
+    "markov_lr_x10": {"markov_head_lr_multiplier": 10.0},
+    "confidence_detached": {"confidence_detach_backbone": True},
+    "anchors_256": {"num_anchors": 256},
+    "block_4": {"block_size": 4},
+    "dflash_recipe": {"recipe": "dflash"},
+    "dflash_same_recipe": {"recipe": "dflash_same_recipe"},
+}
+
+
+def run_variant(name: str, minutes: float, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    options = QuickstartOptions(
+        output_dir=f"outputs/ablation/{name}", max_train_minutes=minutes, threads=threads, **BASE
+    )
+    options = dataclasses.replace(options, **VARIANTS[name])
+    target, tokenizer = load_reference_target()
+    started = time.perf_counter()
+    drafter, trainer = train_drafter(target, tokenizer, options)
+    trained = time.perf_counter() - started
+    drafter.save_pretrained(Path(options.output_dir) / "drafter")
+    result = {
+        "variant": name,
+        "change": VARIANTS[name],
+        "options": dataclasses.asdict(options),
+        "steps": trainer.state.global_step,
+        "train_minutes": trained / 60,
+        "held_out": held_out_acceptance(trainer, tokenizer, options),
+        "load_average": os.getloadavg(),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def summarize() -> str:
+    rows = [json.loads(path.read_text()) for path in sorted(RESULTS.glob("*.json"))]
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    rows.sort(key=lambda r: order.get(r["variant"], len(order)))
+    lines = [
+        "| variant | change | steps | expected tau | acceptance per position (1..7) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        held = row["held_out"]
+        per_position = " ".join(
+            f"{held[f'acceptance_{k}']:.2f}" for k in range(1, 8) if f"acceptance_{k}" in held
+        )
+        change = ", ".join(f"{k}={v}" for k, v in row["change"].items()) or "(quickstart recipe before)"
+        lines.append(
+            f"| {row['variant']} | {change} | {row['steps']} | {held['expected_tau']:.3f} | {per_position} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--variant", choices=sorted(VARIANTS))
+    parser.add_argument("--minutes", type=float, default=20.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--summarize", action="store_true")
+    args = parser.parse_args()
+    if args.summarize:
+        print(summarize())
+    elif args.variant:
+        print(json.dumps(run_variant(args.variant, args.minutes, args.threads), indent=2))
+    else:
+        parser.error("pass --variant NAME or --summarize")
+
+
+if __name__ == "__main__":
+    main()
