@@ -57,7 +57,7 @@ class QuickstartOptions:
     learning_rate: float = 6e-4
     num_anchors: int = 64
     ce_warmup_fraction: float = 0.0
-    markov_head_lr_multiplier: float = 1.0
+    markov_head_lr_multiplier: float = 10.0
     confidence_detach_backbone: bool = False
     max_length: int = 384
     per_device_train_batch_size: int = 1
@@ -149,10 +149,12 @@ def evaluate(target, tokenizer, drafter, options: QuickstartOptions) -> dict:
         for text in load_prompts(name, "eval", limit=options.eval_prompts_per_set)
     ]
     inputs = [encode_chat_prompt(tokenizer, p) for p in prompts]
-    # Scheduling weighs each draft's expected return against the target's measured cost of verifying it.
-    drafter.set_cost_profile(
-        profile_cost(target, max_tokens=drafter.config.block_size + 1, show_progress=False)
-    )
+    schedules = drafter.confidence_head is not None  # the DFlash recipe has no confidence head
+    if schedules:
+        # Scheduling weighs each draft's expected return against the target's measured cost of verifying it.
+        drafter.set_cost_profile(
+            profile_cost(target, max_tokens=drafter.config.block_size + 1, show_progress=False)
+        )
     drafter.attach_target(target)
     common = dict(max_new_tokens=options.max_new_tokens, do_sample=False, seed=options.seed)
 
@@ -166,8 +168,9 @@ def evaluate(target, tokenizer, drafter, options: QuickstartOptions) -> dict:
     methods = {
         "plain": lambda i, ids: timed_generate("plain", i, target, ids, **common),
         "dspark": assisted("dspark", scheduling=False),
-        "dspark_scheduled": assisted("dspark_scheduled", scheduling=True),
     }
+    if schedules:
+        methods["dspark_scheduled"] = assisted("dspark_scheduled", scheduling=True)
     # One untimed warm-up of each method, so one-off allocations do not land on the first prompt.
     for method in methods.values():
         method(-1, inputs[0][:, :16])
@@ -177,7 +180,7 @@ def evaluate(target, tokenizer, drafter, options: QuickstartOptions) -> dict:
     mismatches = sorted(
         {
             i
-            for name in ("dspark", "dspark_scheduled")
+            for name in runs.keys() - {"plain"}
             for i, (a, b) in enumerate(zip(runs["plain"], runs[name]))
             if a.output_ids != b.output_ids
         }
@@ -203,6 +206,8 @@ def format_report(results: dict) -> str:
         f"plain target.generate:   {plain['tokens_per_s']:.1f} tokens/s (median over prompts)",
     ]
     for name, label in (("dspark", "DSpark, full block"), ("dspark_scheduled", "DSpark, scheduled")):
+        if name not in results:
+            continue
         run = results[name]
         lines.append(
             f"{label + ':':<24} {run['tokens_per_s']:.1f} tokens/s, tau {run['tau']:.2f}, "
@@ -222,6 +227,7 @@ def save_drafter(drafter, trainer: DSparkTrainer, results: dict, options: Quicks
             "speedup": results[name]["speedup_vs_plain"],
         }
         for name, label in (("dspark", "full block"), ("dspark_scheduled", "confidence scheduling"))
+        if name in results
     }
     drafter.save_pretrained(
         Path(options.output_dir) / "drafter",

@@ -4,10 +4,12 @@
 # they get the same 40-minute wall-clock budget on a 2-core machine (~45 min each including evaluation).
 set -euo pipefail
 
-# DSpark (vanilla Markov head) and its DFlash ablation (markov_rank=0), identical otherwise.
-dspark quickstart --output-dir outputs/reference --max-steps 600 --max-train-minutes 40 --threads 1 \
+# DSpark (vanilla Markov head) and the DFlash ablation with DeepSpec's DFlash recipe (no Markov head, no
+# confidence head, CE 1.0 / L1 0.0; `--recipe dflash_same_recipe` keeps DSpark's loss instead). The
+# learning rate anneals over the 40-minute budget.
+dspark quickstart --output-dir outputs/reference --max-train-minutes 40 --threads 1 \
     --eval-prompts-per-set 1 --max-new-tokens 32 &
-dspark quickstart --output-dir outputs/dflash --markov-rank 0 --max-steps 600 --max-train-minutes 40 \
+dspark quickstart --output-dir outputs/dflash --recipe dflash --max-train-minutes 40 \
     --threads 1 --eval-prompts-per-set 1 --max-new-tokens 32 &
 wait
 

@@ -56,6 +56,19 @@ def test_quickstart_runs_end_to_end_on_a_tiny_budget(tmp_path):
     assert drafter.config.draft_vocab_size and (tmp_path / "drafter" / "README.md").exists()
 
 
+def test_quickstart_with_the_dflash_recipe_skips_scheduling(tmp_path):
+    """DeepSpec's DFlash recipe has no confidence head, so there is nothing to schedule with."""
+    from dspark_hf.quickstart import QuickstartOptions, run_quickstart
+
+    options = QuickstartOptions(
+        output_dir=str(tmp_path), recipe="dflash", max_steps=1, eval_prompts_per_set=1, max_new_tokens=4
+    )
+    results = run_quickstart(options)
+    assert results["greedy_identical"] and "dspark_scheduled" not in results
+    drafter = DSparkForCausalLM.from_pretrained(tmp_path / "drafter")
+    assert drafter.config.markov_rank == 0 and not drafter.config.enable_confidence_head
+
+
 def test_from_target_with_the_tokenizer_reserves_a_mask_token_text_never_produces(reference, caplog):
     from dspark_hf.data import build_dataset, load_reference_train_rows
 
