@@ -226,14 +226,10 @@ def _add_train_command(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("true", "1", "yes")
-
-
 def _add_quickstart_command(subparsers) -> None:
     import dataclasses
+
+    from transformers.hf_argparser import string_to_bool
 
     from .quickstart import QuickstartOptions
 
@@ -246,7 +242,7 @@ def _add_quickstart_command(subparsers) -> None:
         kind = type(option.default)
         parser.add_argument(
             f"--{option.name.replace('_', '-')}",
-            type=_parse_bool if kind is bool else kind,
+            type=string_to_bool if kind is bool else kind,
             default=option.default,
         )
 
