@@ -42,16 +42,19 @@ def run_config(config: dict) -> dict:
     from dspark_hf.trainer import block_label_mask
 
     torch.set_num_threads(config["threads"])
-    target, tokenizer = load_reference_target()
+    bf16 = config.get("precision") == "bf16"
+    # bf16: the frozen target runs in bfloat16 weights, the drafter under bfloat16 autocast (fp32 masters).
+    target, tokenizer = load_reference_target(dtype=torch.bfloat16 if bf16 else torch.float32)
     train = build_dataset(load_reference_train_rows(limit=config["train_rows"]), tokenizer, max_length=384)
     # Read from this checkout's file, so that a baseline checkout without it is scored on the same rows.
     onpolicy = gzip.decompress(ONPOLICY_FILE.read_bytes()).decode().splitlines()
     held_out_rows = [json.loads(line) for line in onpolicy[-config["eval_rows"] :]]
     held_out = build_dataset(held_out_rows, tokenizer, max_length=384)
     torch.manual_seed(0)
-    drafter = DSparkForCausalLM.from_target(
-        target, num_hidden_layers=2, block_size=7, markov_rank=128, mask_token_id=config["mask_token_id"]
-    )
+    shape = {"num_hidden_layers": 2, "block_size": 7, "markov_rank": 128}
+    if bf16:
+        shape["dtype"] = torch.float32
+    drafter = DSparkForCausalLM.from_target(target, mask_token_id=config["mask_token_id"], **shape)
     extra = {}
     if config["path"] == "draft_vocab":
         from dspark_hf.draft_vocab import load_token_ranking, ranked_vocab
@@ -61,6 +64,8 @@ def run_config(config: dict) -> dict:
         extra["draft_vocab_training"] = True
     elif "draft_vocab_training" in DSparkTrainingArguments.__dataclass_fields__:
         extra["draft_vocab_training"] = False
+    if bf16:
+        extra.update(bf16=True, use_cpu=True)
 
     positions = []
 
@@ -107,6 +112,7 @@ def run_config(config: dict) -> dict:
     metrics = trainer.evaluate(held_out)
     return {
         **{k: config[k] for k in ("path", "num_anchors", "steps", "threads")},
+        "precision": config.get("precision", "fp32"),
         "code": config.get("code", "this checkout"),
         "train_seconds": time.perf_counter() - started,
         "supervised_positions": sum(positions),
@@ -128,7 +134,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-anchors", type=int, nargs="+", default=[64])
-    parser.add_argument("--paths", nargs="+", default=["full_vocab", "draft_vocab"])
+    parser.add_argument("--paths", nargs="*", default=["full_vocab", "draft_vocab"])
+    parser.add_argument(
+        "--precisions",
+        nargs="*",
+        default=["fp32"],
+        choices=["fp32", "bf16"],
+        help="bf16: bfloat16 target weights and bfloat16 autocast for the drafter (draft_vocab path only).",
+    )
     parser.add_argument("--draft-vocab-size", type=int, default=16384)
     parser.add_argument("--train-rows", type=int, default=120)
     parser.add_argument("--eval-rows", type=int, default=40)
@@ -156,6 +169,8 @@ def main() -> None:
         if args.baseline_src:
             configs.append({**common, "path": "full_vocab", "num_anchors": anchors, "code": "baseline"})
         configs += [{**common, "path": p, "num_anchors": anchors} for p in args.paths]
+        if "bf16" in args.precisions:
+            configs.append({**common, "path": "draft_vocab", "num_anchors": anchors, "precision": "bf16"})
     results = []
     for config in configs:
         env = dict(os.environ)
@@ -164,7 +179,7 @@ def main() -> None:
             config["code"] = f"baseline checkout {args.baseline_src}"
         print(
             f"running {config['path']} ({config.get('code', 'this checkout')}), "
-            f"{config['num_anchors']} anchors"
+            f"{config['num_anchors']} anchors, {config.get('precision', 'fp32')}"
         )
         out = subprocess.run(
             [sys.executable, __file__, "--run-config", json.dumps(config)],

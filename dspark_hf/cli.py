@@ -226,11 +226,29 @@ def _add_train_command(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _add_quickstart_command(subparsers) -> None:
+def _add_dataclass_arguments(parser: argparse.ArgumentParser, options: type) -> None:
+    """One ``--flag`` per field of the dataclass ``options``, with its default and its ``help`` metadata."""
     import dataclasses
 
     from transformers.hf_argparser import string_to_bool
 
+    for option in dataclasses.fields(options):
+        kind = type(option.default)
+        parser.add_argument(
+            f"--{option.name.replace('_', '-')}",
+            type=string_to_bool if kind is bool else kind,
+            default=option.default,
+            help=f"{option.metadata.get('help', '')} (default: {option.default})".lstrip(),
+        )
+
+
+def _dataclass_from_args(options: type, args: argparse.Namespace):
+    import dataclasses
+
+    return options(**{option.name: getattr(args, option.name) for option in dataclasses.fields(options)})
+
+
+def _add_quickstart_command(subparsers) -> None:
     from .quickstart import QuickstartOptions
 
     parser = subparsers.add_parser(
@@ -238,19 +256,34 @@ def _add_quickstart_command(subparsers) -> None:
         help="The main job: train a DSpark drafter for SmolLM2-135M-Instruct on the bundled data and compare "
         "assisted against plain decoding.",
     )
-    for option in dataclasses.fields(QuickstartOptions):
-        kind = type(option.default)
-        parser.add_argument(
-            f"--{option.name.replace('_', '-')}",
-            type=string_to_bool if kind is bool else kind,
-            default=option.default,
-        )
+    _add_dataclass_arguments(parser, QuickstartOptions)
 
     def run(args: argparse.Namespace) -> None:
         from .quickstart import run_quickstart
 
-        names = [option.name for option in dataclasses.fields(QuickstartOptions)]
-        run_quickstart(QuickstartOptions(**{name: getattr(args, name) for name in names}))
+        run_quickstart(_dataclass_from_args(QuickstartOptions, args))
+
+    parser.set_defaults(func=run)
+
+
+def _add_data_command(subparsers) -> None:
+    from .onpolicy import OnPolicyDataArguments
+
+    parser = subparsers.add_parser(
+        "data",
+        help="Build on-policy training data: the reference target's greedy and sampled answers to the "
+        "training prompt pool (resumable).",
+    )
+    _add_dataclass_arguments(parser, OnPolicyDataArguments)
+
+    def run(args: argparse.Namespace) -> None:
+        import json
+
+        from .onpolicy import build_onpolicy_data, onpolicy_summary
+
+        options = _dataclass_from_args(OnPolicyDataArguments, args)
+        build_onpolicy_data(options)
+        print(json.dumps(onpolicy_summary(options.output)))
 
     parser.set_defaults(func=run)
 
@@ -381,6 +414,7 @@ def main(argv: list[str] | None = None) -> None:
     _add_convert_command(subparsers)
     _add_train_command(subparsers)
     _add_quickstart_command(subparsers)
+    _add_data_command(subparsers)
     _add_calibrate_command(subparsers)
     args = parser.parse_args(argv)
     args.func(args)

@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from importlib import resources
 from importlib.abc import Traversable
@@ -29,6 +30,8 @@ REFERENCE_TRAIN_FILE = "smollm2_train.jsonl"
 ONPOLICY_FILE = "smollm2_onpolicy_512.jsonl.gz"
 
 GSM8K_EVAL_ROWS = 100
+# The bundled GSM8K prompts are the test question followed by this instruction (as in DeepSpec's eval sets).
+GSM8K_PROMPT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 # Which splits each vendored prompt set provides (project convention, see resources/README.md).
 PROMPT_SETS: dict[str, tuple[str, ...]] = {
     "gsm8k": ("eval", "train"),
@@ -247,9 +250,17 @@ def build_dataset(
     return Dataset.from_dict(columns)
 
 
-def _load_cache(path: Path) -> dict[str, dict[str, Any]]:
-    """Finished records keyed by prompt. A run killed mid-write can leave a partial last line; it is cut off
-    so appended records start on a fresh line."""
+def sampling_label(do_sample: bool, temperature: float | None = None, top_p: float | None = None) -> str:
+    """How an answer was decoded, as stored in the ``sampling`` field of regenerated records."""
+    if not do_sample:
+        return "greedy"
+    temperature = 1.0 if temperature is None else temperature
+    return f"temperature={temperature},top_p={1.0 if top_p is None else top_p}"
+
+
+def _load_cache(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    """Finished records keyed by (prompt, sampling label); records without a label are greedy. A run killed
+    mid-write can leave a partial last line; it is cut off so appended records start on a fresh line."""
     if not path.exists():
         return {}
     raw = path.read_bytes()
@@ -257,7 +268,7 @@ def _load_cache(path: Path) -> dict[str, dict[str, Any]]:
         raw = raw[: raw.rfind(b"\n") + 1]
         path.write_bytes(raw)
     records = (json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip())
-    return {record["prompt"]: record for record in records}
+    return {(record["prompt"], record.get("sampling", "greedy")): record for record in records}
 
 
 @torch.no_grad()
@@ -270,21 +281,31 @@ def regenerate_responses(
     max_new_tokens: int = 256,
     batch_size: int = 8,
     do_sample: bool = False,
+    temperature: float | None = None,
+    top_p: float | None = None,
     show_progress: bool = True,
     **generate_kwargs: Any,
 ) -> list[dict[str, Any]]:
-    """Answer ``prompts`` with ``model`` and append ``{"prompt", "response", "truncated"}`` to a jsonl cache.
+    """Answer ``prompts`` with ``model`` and append ``{"prompt", "response", "truncated", "sampling"}`` to a
+    jsonl cache.
 
-    Prompts already present in ``output_path`` are skipped, so an interrupted run resumes where it stopped.
-    Pending prompts are batched by length (left padding) to waste little compute on padding; each batch is
-    flushed to disk as soon as it finishes. ``truncated`` marks answers cut off at ``max_new_tokens``.
-    Returns the records for ``prompts``, in order.
+    Prompts already answered in ``output_path`` with the same decoding (``sampling``: ``"greedy"`` or
+    ``"temperature=T,top_p=P"``) are skipped, so an interrupted run resumes where it stopped, and one file
+    can hold a greedy and a sampled answer per prompt. Pending prompts are batched by length (left padding)
+    to waste little compute on padding; each batch is flushed to disk as soon as it finishes, and the
+    progress bar shows generated tokens per second. ``truncated`` marks answers cut off at
+    ``max_new_tokens``. Returns the records for ``prompts``, in order.
     """
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
+    label = sampling_label(do_sample, temperature, top_p)
+    if do_sample:
+        generate_kwargs.update(
+            {k: v for k, v in {"temperature": temperature, "top_p": top_p}.items() if v is not None}
+        )
     done = _load_cache(output_path)
     # Deduplicated in input order, then stably sorted so batch composition is reproducible.
-    pending = sorted(dict.fromkeys(p for p in prompts if p not in done), key=len, reverse=True)
+    pending = sorted(dict.fromkeys(p for p in prompts if (p, label) not in done), key=len, reverse=True)
 
     texts = {
         p: _render(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True) for p in pending
@@ -297,10 +318,13 @@ def regenerate_responses(
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
     model.eval()
+    generated, start = 0, time.perf_counter()
     try:
         with (
             output_path.open("a", encoding="utf-8") as f,
-            tqdm(total=len(pending), desc="Regenerating", unit="prompt", disable=not show_progress) as bar,
+            tqdm(
+                total=len(pending), desc=f"Regenerating ({label})", unit="prompt", disable=not show_progress
+            ) as bar,
         ):
             for i in range(0, len(pending), batch_size):
                 batch = pending[i : i + batch_size]
@@ -317,16 +341,19 @@ def regenerate_responses(
                 )
                 for prompt, new_tokens in zip(batch, outputs[:, inputs["input_ids"].shape[1] :].tolist()):
                     stop = next((j for j, t in enumerate(new_tokens) if t in eos_ids), None)
+                    generated += len(new_tokens) if stop is None else stop + 1
                     record = {
                         "prompt": prompt,
                         "response": tokenizer.decode(new_tokens[:stop], skip_special_tokens=True).strip(),
                         "truncated": stop is None,
+                        "sampling": label,
                     }
                     f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    done[prompt] = record
+                    done[prompt, label] = record
                 f.flush()
                 bar.update(len(batch))
+                bar.set_postfix(tokens_per_s=f"{generated / (time.perf_counter() - start):.0f}")
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
-    return [done[p] for p in prompts]
+    return [done[p, label] for p in prompts]

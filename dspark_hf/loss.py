@@ -66,7 +66,8 @@ class _ChunkedDistributionTerms(torch.autograd.Function):
             log_probs = torch.log_softmax(draft_logits[rows].to(dtype), dim=-1)
             label_log_probs = log_probs.gather(-1, labels[rows, None].clamp_min(0)).squeeze(-1)
             ce[rows] = torch.where(has_label[rows], -label_log_probs, 0.0)
-            l1[rows] = (log_probs.exp() - target_probs[rows].to(dtype)).abs().sum(-1) + outside[rows]
+            distance = log_probs.exp_().sub_(target_probs[rows])
+            l1[rows] = torch.linalg.vector_norm(distance, ord=1, dim=-1) + outside[rows]
         ctx.save_for_backward(draft_logits, target_probs, labels)
         ctx.rows_per_chunk = rows_per_chunk
         return ce, l1
@@ -80,10 +81,12 @@ class _ChunkedDistributionTerms(torch.autograd.Function):
         for start in range(0, draft_logits.shape[0], ctx.rows_per_chunk):
             rows = slice(start, start + ctx.rows_per_chunk)
             probs = torch.softmax(draft_logits[rows].to(dtype), dim=-1)
-            sign = torch.sign(probs - target_probs[rows].to(dtype))
-            # d CE / dz = p - onehot(y);  d L1 / dz_j = p_j * (s_j - sum_v s_v p_v) with s = sign(p - p_t).
-            chunk_grad = grad_l1[rows, None] * probs * (sign - (sign * probs).sum(-1, keepdim=True))
-            chunk_grad += grad_ce[rows, None] * probs
+            # d CE / dz = p - onehot(y);  d L1 / dz_j = p_j * (s_j - sum_v s_v p_v) with s = sign(p - p_t);
+            # together p * (g_l1 * s + g_ce - g_l1 * s.p) - g_ce * onehot(y), built in place in one buffer.
+            chunk_grad = torch.sub(probs, target_probs[rows]).sign_()
+            signed_mass = torch.linalg.vecdot(chunk_grad, probs)
+            g_l1 = grad_l1[rows, None]
+            chunk_grad.mul_(g_l1).add_(grad_ce[rows, None] - g_l1 * signed_mass[:, None]).mul_(probs)
             chunk_grad.scatter_add_(-1, labels[rows, None].clamp_min(0), -grad_ce[rows, None])
             grad[rows] = chunk_grad
         return grad, None, None, None, None

@@ -246,12 +246,14 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         cls,
         target_model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        dtype: torch.dtype | None = None,
         **config_overrides,
     ) -> DSparkForCausalLM:
         """A freshly initialised drafter for `target_model`, sharing copies of its embedding and LM head.
 
         With the target's `tokenizer`, the mask token defaults to an id that text and the chat template never
-        produce (`reserved_mask_token_id`); an explicit `mask_token_id` wins.
+        produce (`reserved_mask_token_id`); an explicit `mask_token_id` wins. `dtype` defaults to the
+        target's; mixed-precision training of a bfloat16 target wants `torch.float32` master weights.
         """
         if "mask_token_id" not in config_overrides:
             if tokenizer is not None:
@@ -265,7 +267,7 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
                     "`tokenizer=` to reserve an id that text never produces."
                 )
         config = DSparkConfig.from_target_config(target_model.config, **config_overrides)
-        drafter = cls(config).to(target_model.dtype)
+        drafter = cls(config).to(dtype or target_model.dtype)
         with torch.no_grad():
             drafter.embed_tokens.weight.copy_(target_model.get_input_embeddings().weight)
             drafter.lm_head.weight.copy_(target_model.get_output_embeddings().weight)

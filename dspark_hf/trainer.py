@@ -268,6 +268,8 @@ class DSparkTrainer(Trainer):
             self.target_model = self.accelerator.prepare_model(target_model, evaluation_mode=True)
         unwrapped_target = self.accelerator.unwrap_model(self.target_model)
         self._target_layers = _decoder_layers(unwrapped_target)
+        # The decoder alone: training needs the target's hidden states, not its logits at the last position.
+        self._target_decoder = unwrapped_target.get_decoder()
         self._target_lm_head = unwrapped_target.get_output_embeddings()
         self._drafter_config = self.accelerator.unwrap_model(self.model).config
         # Per mode ("train"/"eval"): running sums of metric numerators and denominators since the last log.
@@ -378,17 +380,14 @@ class DSparkTrainer(Trainer):
         if -1 in layer_ids:
             hooks.append(self._target_layers[0].register_forward_pre_hook(keep_embeddings, with_kwargs=True))
         try:
-            outputs = self.target_model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                output_hidden_states=[-1],
-                logits_to_keep=1,
-                use_cache=False,
-            )
+            with self.accelerator.autocast():
+                outputs = self._target_decoder(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+                )
         finally:
             for hook in hooks:
                 hook.remove()
-        return torch.cat([captured[i] for i in layer_ids], dim=-1), outputs.hidden_states[-1]
+        return torch.cat([captured[i] for i in layer_ids], dim=-1), outputs.last_hidden_state
 
     def _training_vocab(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The ids the drafter is trained to draft over: its draft vocabulary, extended (as at generation)

@@ -15,6 +15,7 @@ from dspark_hf.data import (
     load_prompts,
     load_reference_train_rows,
     regenerate_responses,
+    sampling_label,
     tokenize_chat,
 )
 
@@ -221,3 +222,16 @@ def test_regeneration_is_resumable(tokenizer, tmp_path):
     lines = [json.loads(line) for line in output.read_text().splitlines()]
     assert sorted(r["prompt"] for r in lines) == sorted(prompts)
     assert all(isinstance(r["response"], str) and isinstance(r["truncated"], bool) for r in lines)
+    assert {r["sampling"] for r in lines} == {"greedy"}
+
+    # A sampled answer is cached beside the greedy one, not mistaken for it.
+    generated.clear()
+    sampled = regenerate_responses(
+        prompts[:2], model, tokenizer, output, max_new_tokens=4, do_sample=True, temperature=0.7, top_p=0.8
+    )
+    assert generated == [2]
+    assert [r["sampling"] for r in sampled] == ["temperature=0.7,top_p=0.8"] * 2
+    generated.clear()
+    regenerate_responses(prompts[:2], model, tokenizer, output, do_sample=True, temperature=0.7, top_p=0.8)
+    assert generated == []
+    assert sampling_label(False) == "greedy"

@@ -1,0 +1,43 @@
+import pytest
+
+from dspark_hf.data import load_onpolicy_rows, load_reference_train_rows
+from dspark_hf.onpolicy import _CODE_PATTERN, evaluation_prompts, find_leaks
+
+EVAL = [
+    "Write a function that returns the sum of two numbers.",
+    "Janet's ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins "
+    "with four.",
+]
+
+
+def test_exact_repeats_are_leaks_up_to_case_punctuation_and_spacing():
+    prompts = ["write a function that returns   the sum of two numbers", "Tell me a joke."]
+    assert find_leaks(prompts, EVAL) == [(0, 0)]
+
+
+def test_an_evaluation_question_quoted_or_edited_inside_a_longer_prompt_is_a_leak():
+    quoted = "Please help. " + EVAL[1].replace("sixteen", "16") + " How much does she make?"
+    edited = EVAL[1].replace("three", "two")
+    assert find_leaks([quoted, edited], EVAL) == [(0, 1), (1, 1)]
+
+
+def test_prompts_on_the_same_topic_are_not_leaks():
+    prompts = ["Write a function that reverses a string.", "My ducks lay eggs. How many do I sell?"]
+    assert find_leaks(prompts, EVAL) == []
+
+
+@pytest.mark.parametrize("loader", [load_reference_train_rows, load_onpolicy_rows])
+def test_no_vendored_training_prompt_repeats_or_paraphrases_an_evaluation_prompt(loader):
+    prompts = [row["prompt"] for row in loader()]
+    assert prompts
+    assert find_leaks(prompts, evaluation_prompts()) == []
+
+
+def test_evaluation_prompts_cover_every_bundled_evaluation_set():
+    prompts = evaluation_prompts()
+    assert len(prompts) == 100 + 2 * 80 + 164  # GSM8K eval rows, both MT-Bench turns, HumanEval
+
+
+def test_code_questions_are_told_apart_from_chat():
+    assert _CODE_PATTERN.search("How do I sort a list in Python?")
+    assert not _CODE_PATTERN.search("Write a poem about the sea.")
