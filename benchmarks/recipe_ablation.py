@@ -41,6 +41,7 @@ VARIANTS: dict[str, dict] = {
     "confidence_detached": {"confidence_detach_backbone": True},
     "anchors_256": {"num_anchors": 256},
     "block_4": {"block_size": 4},
+    "bf16": {"bf16": True},
     "dflash_recipe": {"recipe": "dflash"},
     "dflash_same_recipe": {"recipe": "dflash_same_recipe"},
 }
@@ -52,7 +53,7 @@ def run_variant(name: str, minutes: float, threads: int) -> dict:
         output_dir=f"outputs/ablation/{name}", max_train_minutes=minutes, threads=threads, **BASE
     )
     options = dataclasses.replace(options, **VARIANTS[name])
-    target, tokenizer = load_reference_target()
+    target, tokenizer = load_reference_target(dtype=torch.bfloat16 if options.bf16 else torch.float32)
     started = time.perf_counter()
     drafter, trainer = train_drafter(target, tokenizer, options)
     trained = time.perf_counter() - started

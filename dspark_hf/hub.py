@@ -200,6 +200,7 @@ def render_model_card(
         template_path=str(MODEL_CARD_TEMPLATE),
         model_name=f"DSpark drafter for {base_model}" if base_model else repo_id.rstrip("/").split("/")[-1],
         repo_id=repo_id,
+        push_repo_id=_hub_id(repo_id) or "<org>/<name>",
         target_id=config.target_model_name_or_path or "<target model id>",
         block_size=config.block_size,
         num_layers=config.num_hidden_layers,

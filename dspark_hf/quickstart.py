@@ -35,6 +35,8 @@ TRAINING_DATA_DESCRIPTION = (
     "<= 512 new tokens)"
 )
 
+EVAL_DATASETS = ("gsm8k", "mt-bench", "humaneval")
+
 
 @dataclass
 class QuickstartOptions:
@@ -59,6 +61,8 @@ class QuickstartOptions:
     ce_warmup_fraction: float = 0.0
     markov_head_lr_multiplier: float = 10.0
     confidence_detach_backbone: bool = False
+    # train against a bfloat16 copy of the target, the drafter under bfloat16 autocast (float32 weights)
+    bf16: bool = False
     max_length: int = 384
     per_device_train_batch_size: int = 1
     gradient_accumulation_steps: int = 2
@@ -82,6 +86,7 @@ def build_drafter(target, tokenizer, options: QuickstartOptions) -> DSparkForCau
         target,
         tokenizer=tokenizer,
         target_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
+        dtype=torch.float32,
         **{**shape, **recipe.drafter},
     )
     if options.draft_vocab_size:
@@ -108,13 +113,15 @@ def training_arguments(options: QuickstartOptions, **overrides) -> DSparkTrainin
         "report_to": [],
         "seed": options.seed,
         "dataloader_num_workers": 0,
+        **({"bf16": True, "use_cpu": True} if options.bf16 else {}),
         **get_recipe(options.recipe).training,
     }
     return DSparkTrainingArguments(**{**settings, **overrides})
 
 
 def train_drafter(target, tokenizer, options: QuickstartOptions) -> tuple[DSparkForCausalLM, DSparkTrainer]:
-    """Train a fresh drafter for `target` on the vendored training rows; returns it and its trainer."""
+    """Train a fresh drafter for `target` on the vendored training rows; returns it and its trainer. With
+    `options.bf16`, pass the target in bfloat16."""
     dataset = build_dataset(reference_training_rows("train"), tokenizer, max_length=options.max_length)
     trainer = DSparkTrainer(
         model=build_drafter(target, tokenizer, options),
@@ -143,11 +150,12 @@ def held_out_acceptance(trainer: DSparkTrainer, tokenizer, options: QuickstartOp
 def evaluate(target, tokenizer, drafter, options: QuickstartOptions) -> dict:
     """Greedy plain decoding vs DSpark with the full block vs DSpark with confidence scheduling, on held-out
     prompts, interleaved; checks that every assisted output is identical to the plain one."""
-    prompts = [
-        text
-        for name in ("gsm8k", "mt-bench", "humaneval")
+    labelled = [
+        (name, text)
+        for name in EVAL_DATASETS
         for text in load_prompts(name, "eval", limit=options.eval_prompts_per_set)
     ]
+    prompts = [text for _, text in labelled]
     inputs = [encode_chat_prompt(tokenizer, p) for p in prompts]
     schedules = drafter.confidence_head is not None  # the DFlash recipe has no confidence head
     if schedules:
@@ -191,8 +199,20 @@ def evaluate(target, tokenizer, drafter, options: QuickstartOptions) -> dict:
         "greedy_identical": not mismatches,
         "mismatched_prompts": mismatches,
     }
+    block_size = drafter.config.block_size
     for name, method_runs in runs.items():
-        results[name] = summarize(method_runs, runs["plain"], drafter.config.block_size).to_dict()
+        results[name] = summarize(method_runs, runs["plain"], block_size).to_dict()
+    results["per_dataset"] = {
+        dataset: {
+            name: summarize(
+                [run for run, (label, _) in zip(method_runs, labelled) if label == dataset],
+                runs["plain"],
+                block_size,
+            ).to_dict()
+            for name, method_runs in runs.items()
+        }
+        for dataset in EVAL_DATASETS
+    }
     return results
 
 
@@ -258,7 +278,8 @@ def run_quickstart(options: QuickstartOptions | None = None) -> dict:
     print("[1/3] preparing the target (SmolLM2-135M-Instruct; the first run converts the GGUF, ~30 s)")
     target, tokenizer = load_reference_target()
     print(f"[2/3] training a drafter ({options.recipe} recipe, {options.max_train_minutes} min)")
-    drafter, trainer = train_drafter(target, tokenizer, options)
+    training_target = load_reference_target(dtype=torch.bfloat16)[0] if options.bf16 else target
+    drafter, trainer = train_drafter(training_target, tokenizer, options)
     print("[3/3] evaluating against plain decoding")
     results = evaluate(target, tokenizer, drafter, options)
     results["training"] = {"steps": trainer.state.global_step, "recipe": options.recipe}

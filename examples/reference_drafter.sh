@@ -1,22 +1,49 @@
 #!/usr/bin/env bash
-# The SmolLM2-135M-Instruct reference drafters and the benchmark behind the README's numbers.
-# Same code as the quickstart, longer budget. Both drafters train at the same time, one CPU thread each, so
-# they get the same 40-minute wall-clock budget on a 2-core machine (~45 min each including evaluation).
+# The SmolLM2-135M-Instruct reference drafters, their scaling curve and the benchmark behind the README.
+#
+# DSpark (vanilla Markov head, the quickstart's recipe) and the DFlash ablation (DeepSpec's DFlash recipe:
+# no Markov or confidence head, CE 1.0 / L1 0.0) train on the same data with the same wall-clock budget,
+# side by side, one CPU thread each. Every budget trains a fresh drafter whose learning rate anneals to that
+# budget's end, then evaluates it on held-out prompts (5 per dataset x 64 new tokens, greedy).
+#
+#   bash examples/reference_drafter.sh                         # budgets 5 10 20 40: ~100 min, then the
+#                                                              # benchmark of the 40-minute drafters (~40 min)
+#   bash examples/reference_drafter.sh --max-train-minutes 20  # one point of the curve (~25 min)
+#
+# A finished budget (its results.json exists) is not retrained, so an interrupted run resumes.
 set -euo pipefail
 
-# DSpark (vanilla Markov head) and the DFlash ablation with DeepSpec's DFlash recipe (no Markov head, no
-# confidence head, CE 1.0 / L1 0.0; `--recipe dflash_same_recipe` keeps DSpark's loss instead). The
-# learning rate anneals over the 40-minute budget.
-dspark quickstart --output-dir outputs/reference --max-train-minutes 40 --threads 1 \
-    --eval-prompts-per-set 1 --max-new-tokens 32 &
-dspark quickstart --output-dir outputs/dflash --recipe dflash --max-train-minutes 40 \
-    --threads 1 --eval-prompts-per-set 1 --max-new-tokens 32 &
-wait
+budgets=(5 10 20 40)
+benchmark=1
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --max-train-minutes) budgets=("$2"); benchmark=0; shift 2 ;;
+        *) echo "usage: $0 [--max-train-minutes MINUTES]" >&2; exit 2 ;;
+    esac
+done
 
+runs=outputs/reference
+mkdir -p "$runs"
+for minutes in "${budgets[@]}"; do
+    for recipe in dspark dflash; do
+        dir="$runs/$recipe-${minutes}min"
+        [[ -f "$dir/results.json" ]] && continue
+        echo "training $recipe for $minutes min -> $dir (log: $dir.log)"
+        dspark quickstart --output-dir "$dir" --recipe "$recipe" --max-train-minutes "$minutes" --threads 1 \
+            --eval-prompts-per-set 5 --max-new-tokens 64 > "$dir.log" 2>&1 &
+    done
+    wait
+done
+
+# tau per dataset against training minutes: benchmarks/results/smollm2_scaling.{json,png}
+python benchmarks/scaling_curve.py --runs "$runs"
+[[ $benchmark == 1 ]] || exit 0
+
+largest="${budgets[-1]}"
 # Confidence temperatures (STS) and the target's cost profile for confidence scheduling (~30 s).
-dspark calibrate outputs/reference/drafter --prompts-per-set 3 --max-new-tokens 64 --profile-cost
+dspark calibrate "$runs/dspark-${largest}min/drafter" --prompts-per-set 3 --max-new-tokens 64 --profile-cost
 
-# Side-by-side benchmark, interleaved prompt by prompt (~25 s per prompt and temperature).
-python benchmarks/run_benchmark.py --drafter outputs/reference/drafter --dflash-drafter outputs/dflash/drafter \
-    --name smollm2_reference --datasets gsm8k mt-bench humaneval --limit 5 --max-new-tokens 96 \
-    --temperatures 0 1 --threads 2
+# Side-by-side benchmark, interleaved prompt by prompt, against plain fp32 / bf16 and prompt lookup.
+python benchmarks/run_benchmark.py --drafter "$runs/dspark-${largest}min/drafter" \
+    --dflash-drafter "$runs/dflash-${largest}min/drafter" --name smollm2_reference \
+    --datasets gsm8k mt-bench humaneval --limit 10 --max-new-tokens 128 --temperatures 0 1 --threads 2

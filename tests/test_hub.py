@@ -33,7 +33,7 @@ from transformers import AutoModel, LlamaConfig, LlamaForCausalLM, PreTrainedTok
 
 from dspark_hf import DSparkForCausalLM
 from dspark_hf.cli import main
-from dspark_hf.hub import read_card_metadata, render_model_card
+from dspark_hf.hub import read_card_metadata, render_model_card, write_model_card
 
 TARGET_ID, DRAFTER_ID = "test-org/tiny-target", "test-org/tiny-dspark"
 TRAINING_INFO = {
@@ -252,11 +252,20 @@ def test_card_metadata_and_body_for_a_real_drafter(drafter):
     assert "assistant_model=drafter" in code
 
 
+def test_card_of_a_local_folder_suggests_a_push_to_a_hub_id_not_to_the_folder(drafter, tmp_path):
+    folder = tmp_path / "outputs" / "drafter"
+    write_model_card(drafter, folder)
+    body = (folder / "README.md").read_text()
+    assert "dspark push <this folder> <org>/<name> --results results.json" in body
+    assert f'AutoModel.from_pretrained("{folder}"' in body
+
+
 def test_card_without_results_or_training_and_bad_results(drafter):
     drafter.config.target_model_name_or_path = None
     meta, body = _split_card(render_model_card(drafter, repo_id=DRAFTER_ID))
     assert "base_model" not in meta and "dspark" not in meta and meta["license"] == "other"
     assert "No measurements recorded yet" in body and "No training details recorded." in body
+    assert f"dspark push <this folder> {DRAFTER_ID} --results" in body
     assert "replace `<target model id>`" in body
     with pytest.raises(ValueError, match="must hold a 'tau' value"):
         render_model_card(drafter, results={"gsm8k": {"speedup": 1.2}})

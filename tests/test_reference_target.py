@@ -52,21 +52,33 @@ def test_quickstart_runs_end_to_end_on_a_tiny_budget(tmp_path):
         saved["dspark"]["prompts"] == saved["dspark_scheduled"]["prompts"] == 3
         and saved["plain"]["tau"] == 1.0
     )
+    assert {name: run["dspark"]["prompts"] for name, run in saved["per_dataset"].items()} == {
+        "gsm8k": 1,
+        "mt-bench": 1,
+        "humaneval": 1,
+    }
     drafter = DSparkForCausalLM.from_pretrained(tmp_path / "drafter")
     assert drafter.config.draft_vocab_size and (tmp_path / "drafter" / "README.md").exists()
 
 
-def test_quickstart_with_the_dflash_recipe_skips_scheduling(tmp_path):
-    """DeepSpec's DFlash recipe has no confidence head, so there is nothing to schedule with."""
+def test_quickstart_with_the_dflash_recipe_in_bf16_skips_scheduling(tmp_path):
+    """DeepSpec's DFlash recipe has no confidence head, so there is nothing to schedule with; bf16 trains
+    against a bfloat16 copy of the target and keeps the drafter's weights in float32."""
     from dspark_hf.quickstart import QuickstartOptions, run_quickstart
 
     options = QuickstartOptions(
-        output_dir=str(tmp_path), recipe="dflash", max_steps=1, eval_prompts_per_set=1, max_new_tokens=4
+        output_dir=str(tmp_path),
+        recipe="dflash",
+        bf16=True,
+        max_steps=1,
+        eval_prompts_per_set=1,
+        max_new_tokens=4,
     )
     results = run_quickstart(options)
     assert results["greedy_identical"] and "dspark_scheduled" not in results
     drafter = DSparkForCausalLM.from_pretrained(tmp_path / "drafter")
     assert drafter.config.markov_rank == 0 and not drafter.config.enable_confidence_head
+    assert drafter.dtype == torch.float32
 
 
 def test_from_target_with_the_tokenizer_reserves_a_mask_token_text_never_produces(reference, caplog):

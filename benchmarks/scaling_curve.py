@@ -1,0 +1,104 @@
+"""Scaling curve of the reference drafters: tau per dataset against training minutes, for DSpark and the
+DFlash ablation, from the quickstart runs that `examples/reference_drafter.sh` leaves behind.
+
+Each run folder is `<runs>/<recipe>-<minutes>min/` with the quickstart's `results.json` (a fresh drafter
+trained for that budget, its learning rate annealed to the budget's end, then evaluated on held-out prompts).
+
+    python benchmarks/scaling_curve.py --runs outputs/reference
+    # writes benchmarks/results/smollm2_scaling.json and smollm2_scaling.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RUN_FOLDER = re.compile(r"(?P<recipe>[a-z_]+)-(?P<minutes>\d+(?:\.\d+)?)min")
+
+
+def read_run(folder: Path) -> dict | None:
+    """One point of the curve from a finished quickstart run, or None if the folder holds none."""
+    match = RUN_FOLDER.fullmatch(folder.name)
+    path = folder / "results.json"
+    if not match or not path.exists():
+        return None
+    results = json.loads(path.read_text())
+    methods = [name for name in ("dspark", "dspark_scheduled") if name in results]
+    return {
+        "recipe": match["recipe"],
+        "minutes": float(match["minutes"]),
+        "steps": results["training"]["steps"],
+        "held_out_teacher_forced": results["held_out_teacher_forced"],
+        "per_dataset": {
+            dataset: {
+                method: {
+                    key: summary[key]
+                    for key in ("tau", "speedup_vs_plain", "conditional_acceptance", "prompts", "new_tokens")
+                }
+                for method, summary in by_method.items()
+                if method in methods
+            }
+            for dataset, by_method in results["per_dataset"].items()
+        },
+        "greedy_identical": results["greedy_identical"],
+        "eval": {
+            "prompts_per_dataset": results["options"]["eval_prompts_per_set"],
+            "max_new_tokens": results["max_new_tokens"],
+        },
+    }
+
+
+def plot(points: list[dict], path: Path) -> None:
+    """tau (full block) against training minutes, one panel per dataset, one line per recipe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({d for p in points for d in p["per_dataset"]})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4 * len(datasets), 3.2), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        for recipe in sorted({p["recipe"] for p in points}):
+            curve = sorted(
+                (p["minutes"], p["per_dataset"][dataset]["dspark"]["tau"])
+                for p in points
+                if p["recipe"] == recipe
+            )
+            ax.plot(*zip(*curve), marker="o", label=recipe)
+        ax.set_xscale("log", base=2)
+        ax.set_title(dataset)
+        ax.set_xlabel("training minutes (2-core CPU, 1 thread)")
+        ax.set_ylabel("tau, full block, greedy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=Path, default=Path("outputs/reference"))
+    parser.add_argument("--output", type=Path, default=RESULTS / "smollm2_scaling.json")
+    args = parser.parse_args()
+    points = [p for folder in sorted(args.runs.iterdir()) if folder.is_dir() and (p := read_run(folder))]
+    if not points:
+        raise SystemExit(f"no finished '<recipe>-<minutes>min' run folders under {args.runs}")
+    points.sort(key=lambda p: (p["recipe"], p["minutes"]))
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(
+        json.dumps({"command": "bash examples/reference_drafter.sh", "points": points}, indent=2) + "\n"
+    )
+    plot(points, args.output.with_suffix(".png"))
+    for p in points:
+        taus = ", ".join(f"{d} {v['dspark']['tau']:.2f}" for d, v in p["per_dataset"].items())
+        print(f"{p['recipe']:>8} {p['minutes']:>5.0f} min, {p['steps']:>5} steps: tau {taus}")
+    print(f"wrote {args.output} and {args.output.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
