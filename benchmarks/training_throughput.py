@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 RESULT_PREFIX = "RESULT "
-ONPOLICY_FILE = (
-    Path(__file__).resolve().parents[1] / "dspark_hf" / "resources" / "smollm2_onpolicy_512.jsonl.gz"
+HELD_OUT_FILE = (
+    Path(__file__).resolve().parents[1] / "dspark_hf" / "resources" / "smollm2_onpolicy_held_out.jsonl.gz"
 )
 
 
@@ -47,8 +47,8 @@ def run_config(config: dict) -> dict:
     target, tokenizer = load_reference_target(dtype=torch.bfloat16 if bf16 else torch.float32)
     train = build_dataset(load_reference_train_rows(limit=config["train_rows"]), tokenizer, max_length=384)
     # Read from this checkout's file, so that a baseline checkout without it is scored on the same rows.
-    onpolicy = gzip.decompress(ONPOLICY_FILE.read_bytes()).decode().splitlines()
-    held_out_rows = [json.loads(line) for line in onpolicy[-config["eval_rows"] :]]
+    held_out_lines = gzip.decompress(HELD_OUT_FILE.read_bytes()).decode().splitlines()
+    held_out_rows = [json.loads(line) for line in held_out_lines[-config["eval_rows"] :]]
     held_out = build_dataset(held_out_rows, tokenizer, max_length=384)
     torch.manual_seed(0)
     shape = {"num_hidden_layers": 2, "block_size": 7, "markov_rank": 128}

@@ -176,7 +176,7 @@ class DSparkConfig(PreTrainedConfig):
                 f"confidence_temperatures must hold {self.block_size} positive values, got {temperatures}."
             )
         if self.target_cost_profile is not None:
-            from .scheduling import CostProfile
+            from .cost_profile import CostProfile
 
             try:
                 CostProfile(**self.target_cost_profile)

@@ -26,8 +26,10 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 RESOURCES: Traversable = resources.files("dspark_hf") / "resources"
 REFERENCE_TRAIN_FILE = "smollm2_train.jsonl"
-# The reference target's greedy answers (<= 512 new tokens) to 2,111 further training prompts, gzipped.
-ONPOLICY_FILE = "smollm2_onpolicy_512.jsonl.gz"
+# The reference target's answers (<= 512 new tokens, greedy and sampled) to further training prompts, and
+# the greedy answers held out of every training set (teacher-forced acceptance in ablations), gzipped.
+ONPOLICY_FILE = "smollm2_onpolicy.jsonl.gz"
+HELD_OUT_FILE = "smollm2_onpolicy_held_out.jsonl.gz"
 
 GSM8K_EVAL_ROWS = 100
 # The bundled GSM8K prompts are the test question followed by this instruction (as in DeepSpec's eval sets).
@@ -74,28 +76,32 @@ def load_reference_train_rows(limit: int | None = None) -> list[dict[str, Any]]:
     return rows if limit is None else rows[:limit]
 
 
-def load_onpolicy_rows(limit: int | None = None) -> list[dict[str, Any]]:
-    """The vendored ``{"prompt", "response", "truncated"}`` rows of ``smollm2_onpolicy_512.jsonl.gz``:
-    greedy answers of the reference target (up to 512 new tokens) to GSM8K test rows 250+ and ShareGPT
-    first turns, disjoint from every evaluation prompt (see ``resources/README.md``)."""
-    with (RESOURCES / ONPOLICY_FILE).open("rb") as f:
+def read_jsonl_gz(path: str | os.PathLike | Traversable) -> list[dict[str, Any]]:
+    """Read a gzipped JSON-lines file (blank lines ignored)."""
+    if isinstance(path, str | os.PathLike):
+        path = Path(path)
+    with path.open("rb") as f:
         lines = gzip.decompress(f.read()).decode("utf-8").splitlines()
-    rows = [json.loads(line) for line in lines if line.strip()]
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def load_onpolicy_rows(limit: int | None = None) -> list[dict[str, Any]]:
+    """The vendored ``{"prompt", "response", "truncated", "sampling"}`` rows of ``smollm2_onpolicy.jsonl.gz``:
+    the reference target's answers (up to 512 new tokens; greedy, and sampled at temperature 0.7 / top-p 0.8)
+    to GSM8K test rows 250+ and ShareGPT first turns, disjoint from every evaluation prompt and from the
+    held-out rows (see ``resources/README.md``). Rows without ``sampling`` are greedy."""
+    rows = read_jsonl_gz(RESOURCES / ONPOLICY_FILE)
     return rows if limit is None else rows[:limit]
-
-
-# The last on-policy rows are held out of training: recipe ablations score teacher-forced acceptance on them.
-HELD_OUT_ROWS = 100
 
 
 def reference_training_rows(split: str = "train") -> list[dict[str, Any]]:
     """The reference target's vendored answers: ``"train"`` is the 300 rows of ``smollm2_train.jsonl`` plus
-    all on-policy rows but the last `HELD_OUT_ROWS`; ``"held_out"`` is those last rows."""
-    onpolicy = load_onpolicy_rows()
+    the on-policy rows; ``"held_out"`` is the 100 greedy answers of ``smollm2_onpolicy_held_out.jsonl.gz``,
+    whose prompts no training file answers."""
     if split == "train":
-        return load_reference_train_rows() + onpolicy[:-HELD_OUT_ROWS]
+        return load_reference_train_rows() + load_onpolicy_rows()
     if split == "held_out":
-        return onpolicy[-HELD_OUT_ROWS:]
+        return read_jsonl_gz(RESOURCES / HELD_OUT_FILE)
     raise ValueError(f"split must be 'train' or 'held_out', got {split!r}.")
 
 

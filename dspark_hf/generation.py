@@ -25,7 +25,9 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList
 from transformers.utils import logging
 
-from .scheduling import CalibrationRound, CausalPrefixScheduler, CostProfile, apply_temperatures
+from .calibration import CalibrationRound, apply_temperatures
+from .cost_profile import CostProfile
+from .schedulers import CausalPrefixScheduler
 
 if TYPE_CHECKING:
     from .modeling_dspark import DSparkContextCache

@@ -8,6 +8,8 @@ setting (temperature 0.7, top-p 0.8).
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -169,6 +171,14 @@ class OnPolicyDataArguments:
     )
     threads: int = field(default=0, metadata={"help": "torch threads (0: torch's default)."})
     seed: int = field(default=0, metadata={"help": "Seed of the sampled answers."})
+    vendor_to: str | None = field(
+        default=None,
+        metadata={
+            "help": "Then write every answer in the cache, minus held-out prompts and leaks, gzipped to this "
+            "path (how dspark_hf/resources/smollm2_onpolicy.jsonl.gz is made; with --num-prompts 0 "
+            "nothing is generated)."
+        },
+    )
 
 
 def build_onpolicy_data(args: OnPolicyDataArguments, model=None, tokenizer=None) -> list[dict[str, Any]]:
@@ -176,11 +186,11 @@ def build_onpolicy_data(args: OnPolicyDataArguments, model=None, tokenizer=None)
     the records of those prompts. Without ``model``/``tokenizer`` the reference target is loaded."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    if model is None:
+    pool = training_prompt_pool(args.num_prompts)
+    if model is None and pool:
         from .reference_target import load_reference_target
 
         model, tokenizer = load_reference_target(dtype=getattr(torch, args.dtype))
-    pool = training_prompt_pool(args.num_prompts)
     modes: list[dict[str, Any]] = [{}] + ([dict(SAMPLED, do_sample=True)] if args.sampled else [])
     records = []
     for start in range(0, len(pool), args.chunk_size):
@@ -196,18 +206,39 @@ def build_onpolicy_data(args: OnPolicyDataArguments, model=None, tokenizer=None)
                 batch_size=args.batch_size,
                 **mode,
             )
+    if args.vendor_to:
+        vendor_answers(args.output, args.vendor_to)
     return records
 
 
-def onpolicy_summary(path: str | os.PathLike) -> dict[str, Any]:
-    """Counts of a cache written by :func:`build_onpolicy_data`: answers per sampling mode, truncated ones."""
-    rows = read_jsonl(path)
+def vendor_answers(cache: str | os.PathLike, output: str | os.PathLike) -> dict[str, Any]:
+    """Write the answers of `cache` as a gzipped training file, dropping rows whose prompt is held out or
+    leaks an evaluation prompt; returns the counts of what was written."""
+    held_out = {row["prompt"] for row in reference_training_rows("held_out")}
+    answers = read_jsonl(cache)
+    rows = [row for row in answers if row["prompt"] not in held_out]
+    leaked = {i for i, _ in find_leaks([row["prompt"] for row in rows], evaluation_prompts())}
+    rows = [row for i, row in enumerate(rows) if i not in leaked]
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    # mtime 0 and no file name in the header: the same answers give the same bytes.
+    Path(output).write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
+    return {**answer_counts(rows), "dropped": len(answers) - len(rows)}
+
+
+def answer_counts(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Answers per sampling mode, distinct prompts and truncated answers of on-policy rows."""
     by_mode: dict[str, int] = {}
     for row in rows:
-        by_mode[row.get("sampling", "greedy")] = by_mode.get(row.get("sampling", "greedy"), 0) + 1
+        mode = row.get("sampling", "greedy")
+        by_mode[mode] = by_mode.get(mode, 0) + 1
     return {
         "answers": len(rows),
         "prompts": len({row["prompt"] for row in rows}),
         "by_sampling": by_mode,
         "truncated": sum(bool(row["truncated"]) for row in rows),
     }
+
+
+def onpolicy_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`answer_counts` of a cache written by :func:`build_onpolicy_data`."""
+    return answer_counts(read_jsonl(path))

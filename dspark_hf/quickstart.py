@@ -19,12 +19,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .benchmarking import encode_chat_prompt, json_safe, run_interleaved, summarize, timed_generate
+from .cost_profile import profile_cost
 from .data import build_dataset, load_prompts, reference_training_rows
 from .draft_vocab import load_token_ranking, ranked_vocab
 from .modeling_dspark import DSparkForCausalLM
 from .recipes import get_recipe
 from .reference_target import load_reference_target
-from .scheduling import profile_cost
 from .trainer import DSparkTrainer
 from .training_args import DSparkTrainingArguments
 

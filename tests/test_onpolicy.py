@@ -1,7 +1,14 @@
+import json
+
 import pytest
 
-from dspark_hf.data import load_onpolicy_rows, load_reference_train_rows
-from dspark_hf.onpolicy import _CODE_PATTERN, evaluation_prompts, find_leaks
+from dspark_hf.data import (
+    load_onpolicy_rows,
+    load_reference_train_rows,
+    read_jsonl_gz,
+    reference_training_rows,
+)
+from dspark_hf.onpolicy import _CODE_PATTERN, evaluation_prompts, find_leaks, vendor_answers
 
 EVAL = [
     "Write a function that returns the sum of two numbers.",
@@ -41,3 +48,31 @@ def test_evaluation_prompts_cover_every_bundled_evaluation_set():
 def test_code_questions_are_told_apart_from_chat():
     assert _CODE_PATTERN.search("How do I sort a list in Python?")
     assert not _CODE_PATTERN.search("Write a poem about the sea.")
+
+
+def test_no_training_file_answers_a_held_out_prompt():
+    held_out = {row["prompt"] for row in reference_training_rows("held_out")}
+    assert len(held_out) == 100
+    assert not held_out & {row["prompt"] for row in reference_training_rows("train")}
+
+
+def test_vendoring_drops_held_out_and_leaked_prompts_and_is_byte_stable(tmp_path):
+    held_out = reference_training_rows("held_out")[0]["prompt"]
+    leaked = evaluation_prompts()[0] + " Thanks!"
+    rows = [
+        {"prompt": p, "response": "r", "truncated": False, "sampling": mode}
+        for p, mode in [("Name three rivers.", "greedy"), (held_out, "greedy"), (leaked, "greedy")]
+    ] + [{"prompt": "Name three rivers.", "response": "s", "truncated": True, "sampling": "temperature=0.7"}]
+    cache = tmp_path / "cache.jsonl"
+    cache.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    counts = vendor_answers(cache, tmp_path / "a.jsonl.gz")
+    vendor_answers(cache, tmp_path / "b.jsonl.gz")
+    assert read_jsonl_gz(tmp_path / "a.jsonl.gz") == [rows[0], rows[3]]
+    assert counts == {
+        "answers": 2,
+        "prompts": 1,
+        "by_sampling": {"greedy": 1, "temperature=0.7": 1},
+        "truncated": 1,
+        "dropped": 2,
+    }
+    assert (tmp_path / "a.jsonl.gz").read_bytes() == (tmp_path / "b.jsonl.gz").read_bytes()
