@@ -67,6 +67,8 @@ def _add_convert_command(subparsers) -> None:
 
 
 def _add_train_command(subparsers) -> None:
+    from .heads import MARKOV_HEADS
+
     def run(args: argparse.Namespace) -> None:
         from pathlib import Path
 
@@ -193,7 +195,7 @@ def _add_train_command(subparsers) -> None:
     drafter.add_argument(
         "--markov-rank", type=int, help="Markov head rank; 0 trains plain DFlash (default 256)."
     )
-    drafter.add_argument("--markov-head", choices=["vanilla", "gated", "rnn"], help="Markov head type.")
+    drafter.add_argument("--markov-head", choices=list(MARKOV_HEADS), help="Markov head type.")
     training = parser.add_argument_group("training (defaults: DSparkTrainingArguments')")
     training.add_argument("--output-dir", default="dspark-drafter", help="Checkpoints and the final drafter.")
     training.add_argument("--epochs", type=float, default=10.0, help="Epochs (the paper's recipe: 10).")

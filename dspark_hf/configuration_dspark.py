@@ -9,7 +9,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
-MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
+from .heads import MARKOV_HEADS
 
 # DeepSpec stores a drafter as a Qwen3 config with extra DSpark fields; these are the architectures it writes.
 DEEPSPEC_ARCHITECTURE = "Qwen3DSparkModel"
@@ -156,9 +156,9 @@ class DSparkConfig(PreTrainedConfig):
             raise ValueError(
                 f"markov_rank must be >= 0 (0 disables the Markov head), got {self.markov_rank}."
             )
-        if self.markov_head_type not in MARKOV_HEAD_TYPES:
+        if self.markov_head_type not in MARKOV_HEADS:
             raise ValueError(
-                f"markov_head_type must be one of {MARKOV_HEAD_TYPES}, got {self.markov_head_type!r}."
+                f"markov_head_type must be one of {tuple(MARKOV_HEADS)}, got {self.markov_head_type!r}."
             )
         if self.confidence_head_with_markov and self.enable_confidence_head and self.markov_rank == 0:
             raise ValueError("confidence_head_with_markov requires markov_rank > 0.")

@@ -17,6 +17,8 @@ class VanillaMarkovHead(nn.Module):
 
     # Whether the head carries a state along the block (then positions are computed one after another).
     recurrent = False
+    # How model cards describe the head.
+    description = "low-rank token transition"
 
     def __init__(self, vocab_size: int, markov_rank: int, hidden_size: int):
         super().__init__()
@@ -85,6 +87,8 @@ class VanillaMarkovHead(nn.Module):
 class GatedMarkovHead(VanillaMarkovHead):
     """The previous token's embedding is scaled by a context-aware gate sigma(W_g [h_k ; W1[x_{k-1}]])."""
 
+    description = "transition scaled by a context gate"
+
     def __init__(self, vocab_size: int, markov_rank: int, hidden_size: int):
         super().__init__(vocab_size, markov_rank, hidden_size)
         self.gate_proj = nn.Linear(hidden_size + markov_rank, markov_rank)
@@ -103,6 +107,7 @@ class RNNMarkovHead(VanillaMarkovHead):
     """
 
     recurrent = True
+    description = "recurrent state over the drafted prefix"
 
     def __init__(self, vocab_size: int, markov_rank: int, hidden_size: int):
         super().__init__(vocab_size, markov_rank, hidden_size)
@@ -121,6 +126,7 @@ class RNNMarkovHead(VanillaMarkovHead):
         return torch.tanh(output), new_state
 
 
+# The registry of Markov head types: config validation, CLI choices and model cards all read their names here.
 MARKOV_HEADS: dict[str, type[VanillaMarkovHead]] = {
     "vanilla": VanillaMarkovHead,
     "gated": GatedMarkovHead,

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData
 
+from .heads import MARKOV_HEADS
+
 if TYPE_CHECKING:
     from .modeling_dspark import DSparkForCausalLM
 
@@ -34,11 +36,6 @@ HUB_FILE_PATTERNS = (
 )
 # Hub repo ids look like `org/name`; a value that is a local path is never a Hub id.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_MARKOV_HEAD_NAMES = {
-    "vanilla": "vanilla (low-rank token transition)",
-    "gated": "gated (transition scaled by a context gate)",
-    "rnn": "rnn (recurrent state over the drafted prefix)",
-}
 
 
 def _hub_id(value: Any) -> str | None:
@@ -133,7 +130,8 @@ def _config_rows(model: DSparkForCausalLM) -> list[tuple[str, str]]:
     own = sum(p.numel() for p in model.parameters() if id(p) not in copied)
     shared = sum(p.numel() for p in model.parameters() if id(p) in copied)
     if config.markov_rank:
-        head = f"{_MARKOV_HEAD_NAMES[config.markov_head_type]}, rank {config.markov_rank}"
+        head_type = config.markov_head_type
+        head = f"{head_type} ({MARKOV_HEADS[head_type].description}), rank {config.markov_rank}"
     else:
         head = "none (markov_rank = 0: parallel DFlash drafter)"
     if not config.enable_confidence_head:
