@@ -329,19 +329,14 @@ class Benchmark:
             options = options or {}
 
             def run(index: int, ids: torch.Tensor) -> PromptRun:
-                config = drafter.generation_config
-                previous = {key: getattr(config, key, None) for key in options}
                 drafter.attach_target(self.target)  # one drafter's hooks on the target at a time
                 try:
-                    for key, value in options.items():
-                        setattr(config, key, value)
-                    result = timed_generate(
-                        name, index, self.target, ids, assistant_model=drafter, **common(index)
-                    )
+                    with drafter.verification_options(**options):
+                        result = timed_generate(
+                            name, index, self.target, ids, assistant_model=drafter, **common(index)
+                        )
                 finally:
                     drafter.detach_target()
-                    for key, value in previous.items():
-                        setattr(config, key, value)
                 if name in self.drafters and drafter.generation_config.record_confidence:
                     self.calibration.setdefault(name, {})[index] = drafter.last_stats.calibration_rounds()
                 return result

@@ -96,7 +96,7 @@ def main() -> None:
     plot(points, args.output.with_suffix(".png"))
     for p in points:
         taus = ", ".join(f"{d} {v['dspark']['tau']:.2f}" for d, v in p["per_dataset"].items())
-        print(f"{p['recipe']:>8} {p['minutes']:>5.0f} min, {p['steps']:>5} steps: tau {taus}")
+        print(f"{p['recipe']:>8} {p['minutes']:>5g} min, {p['steps']:>5} steps: tau {taus}")
     print(f"wrote {args.output} and {args.output.with_suffix('.png')}")
 
 

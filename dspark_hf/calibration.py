@@ -5,7 +5,6 @@ position (`expected_calibration_error`, `auroc`, `brier_score`, `calibration_rep
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -105,22 +104,17 @@ def record_calibration_rounds(
     already high; its generation config is restored afterwards. Calibrate in the decoding mode you serve:
     greedy acceptance (argmax match) and sampled acceptance (temperature 1 here) differ.
     """
-    options = drafter.generation_config
-    full_block = copy.deepcopy(options)
-    for name, value in {
-        "confidence_threshold": 0.0,
-        "confidence_scheduling": False,
-        "record_confidence": True,
-        "num_assistant_tokens": drafter.config.block_size,
-        "num_assistant_tokens_schedule": "constant",
-    }.items():
-        setattr(full_block, name, value)
     sampling = {"temperature": 1.0, "top_k": 0, "top_p": 1.0} if do_sample else {}
     device = next(target.parameters()).device
     rounds: list[CalibrationRound] = []
     torch.manual_seed(seed)
-    drafter.generation_config = full_block
-    try:
+    with drafter.verification_options(
+        confidence_threshold=0.0,
+        confidence_scheduling=False,
+        record_confidence=True,
+        num_assistant_tokens=drafter.config.block_size,
+        num_assistant_tokens_schedule="constant",
+    ):
         for input_ids in tqdm(prompts, desc="recording rounds", unit="prompt", disable=not show_progress):
             input_ids = input_ids.to(device)
             target.generate(
@@ -132,8 +126,6 @@ def record_calibration_rounds(
                 **sampling,
             )
             rounds.extend(drafter.last_stats.calibration_rounds())
-    finally:
-        drafter.generation_config = options
     return rounds
 
 

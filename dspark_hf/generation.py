@@ -10,9 +10,12 @@ block is one backbone forward followed by a cheap left-to-right loop of the Mark
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -38,6 +41,14 @@ logger = logging.get_logger(__name__)
 # assistant's returned cache field is `past_key_values` in 5.23 and `cache` in 5.24 (both left as None here).
 MIN_TRANSFORMERS_VERSION = "5.23"
 MAX_TRANSFORMERS_VERSION = "5.25"  # exclusive
+# The options on `drafter.generation_config` that decide how many drafts a round offers and what it records.
+VERIFICATION_OPTIONS = (
+    "confidence_threshold",
+    "confidence_scheduling",
+    "record_confidence",
+    "num_assistant_tokens",
+    "num_assistant_tokens_schedule",
+)
 
 
 def check_transformers_version(version: str | None = None) -> None:
@@ -338,6 +349,29 @@ class DSparkGenerationMixin(GenerationMixin):
             self._round_log.close()
         self._target_tap = None
         self._draft_context = None
+
+    @contextmanager
+    def verification_options(self, **options: Any) -> Iterator[GenerationConfig]:
+        """Use `options` (names from `VERIFICATION_OPTIONS`, e.g. `confidence_scheduling=True`) on a copy of
+        `generation_config` inside a `with` block; the previous config comes back afterwards, also on error.
+
+        ```python
+        with drafter.verification_options(confidence_threshold=0.5):
+            out = target.generate(ids, assistant_model=drafter)
+        ```
+        """
+        unknown = sorted(set(options) - set(VERIFICATION_OPTIONS))
+        if unknown:
+            raise TypeError(f"Unknown verification options {unknown}; choose from {VERIFICATION_OPTIONS}.")
+        previous = self.generation_config
+        config = copy.deepcopy(previous)
+        for name, value in options.items():
+            setattr(config, name, value)
+        self.generation_config = config
+        try:
+            yield config
+        finally:
+            self.generation_config = previous
 
     @property
     def cost_profile(self) -> CostProfile | None:

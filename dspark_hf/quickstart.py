@@ -168,8 +168,8 @@ def evaluate(target, tokenizer, drafter, options: QuickstartOptions) -> dict:
 
     def assisted(name: str, scheduling: bool):
         def run(index: int, ids: torch.Tensor):
-            drafter.generation_config.confidence_scheduling = scheduling
-            return timed_generate(name, index, target, ids, assistant_model=drafter, **common)
+            with drafter.verification_options(confidence_scheduling=scheduling):
+                return timed_generate(name, index, target, ids, assistant_model=drafter, **common)
 
         return run
 
@@ -184,7 +184,6 @@ def evaluate(target, tokenizer, drafter, options: QuickstartOptions) -> dict:
         method(-1, inputs[0][:, :16])
     runs = run_interleaved(methods, inputs, progress=lambda it: tqdm(it, desc="evaluating", unit="prompt"))
     drafter.detach_target()
-    drafter.generation_config.confidence_scheduling = False
     mismatches = sorted(
         {
             i

@@ -463,6 +463,22 @@ def test_batch_size_two_fails_before_generation(llama_and_drafter):
     assert forwards.count == 0
 
 
+def test_verification_options_apply_inside_the_block_and_are_restored_even_on_error(llama_and_drafter):
+    target, drafter = llama_and_drafter
+    before = drafter.generation_config
+    ids = torch.randint(0, VOCAB, (1, 6))
+    with drafter.verification_options(num_assistant_tokens=2, num_assistant_tokens_schedule="constant"):
+        target.generate(ids, assistant_model=drafter, do_sample=False, max_new_tokens=12)
+        assert max(drafter.last_stats.drafted) <= 2 < drafter.config.block_size
+    assert drafter.generation_config is before and before.num_assistant_tokens != 2
+    with pytest.raises(RuntimeError, match="boom"), drafter.verification_options(record_confidence=True):
+        raise RuntimeError("boom")
+    assert drafter.generation_config is before and not getattr(before, "record_confidence", False)
+    with pytest.raises(TypeError, match="confidence_treshold"):
+        with drafter.verification_options(confidence_treshold=0.5):
+            pass
+
+
 def test_unattached_drafter_fails_before_generation(llama_and_drafter):
     target, drafter = llama_and_drafter
     drafter.detach_target()
