@@ -42,26 +42,34 @@ def _add_convert_command(subparsers) -> None:
         from .convert import convert_checkpoint, detect_layout, serving_instructions
 
         try:
-            dst = convert_checkpoint(args.src, args.dst, to=args.to)
+            dst = convert_checkpoint(args.src, args.dst, to=args.format, verifier=args.verifier)
         except ValueError as err:
             raise SystemExit(f"dspark convert: {err}") from err
         layout = detect_layout(dst)
-        deepspec_dir, native_dir = (dst, args.src) if layout == "deepspec" else (args.src, dst)
-        config = DSparkConfig.from_pretrained(dst)
         print(f"Wrote the {layout}-layout checkpoint to {dst}.\n")
-        print(f'transformers: import dspark_hf; AutoModel.from_pretrained("{native_dir}")\n')
-        print(serving_instructions(config, deepspec_dir))
+        print(f'transformers: import dspark_hf; AutoModel.from_pretrained("{dst}")\n')
+        served, served_layout = (dst, layout) if layout != "native" else (args.src, detect_layout(args.src))
+        print(serving_instructions(DSparkConfig.from_pretrained(dst), served, served_layout))
 
     parser = subparsers.add_parser(
         "convert",
-        help="Convert a drafter between DeepSpec's layout (served by vLLM/SGLang) and the native one.",
+        help="Convert a drafter between the native layout, DeepSpec's (served by vLLM and SGLang) and "
+        "speculators' (served by vLLM).",
     )
     parser.add_argument("src", help="Drafter folder to convert.")
     parser.add_argument("dst", help="Output folder.")
     parser.add_argument(
+        "--format",
         "--to",
-        choices=["native", "deepspec"],
-        help="Output layout (default: the other layout than the source's).",
+        dest="format",
+        choices=["native", "deepspec", "speculators"],
+        help="Output layout (default: deepspec for a native folder, native for the others).",
+    )
+    parser.add_argument(
+        "--verifier",
+        help="Target model folder or Hub id: recorded as the verifier of a speculators export, and the "
+        "source of the embedding / LM head a speculators checkpoint omits (default: the drafter's "
+        "recorded target).",
     )
     parser.set_defaults(func=run)
 
