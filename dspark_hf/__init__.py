@@ -6,6 +6,7 @@ loads DSpark checkpoints (native, DeepSpec's and speculators' layouts) without `
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .check import DrafterCheckReport, check_drafter
 from .configuration_dspark import DSparkConfig, route_foreign_checkpoints_in_auto_config
 from .convert import export_deepspec
 from .generation import DSparkGenerationMixin, DSparkGenerationStats
@@ -25,12 +26,14 @@ __version__ = "0.1.0"
 __all__ = [
     "DSparkConfig",
     "DSparkForCausalLM",
+    "DrafterCheckReport",
     "DSparkGenerationMixin",
     "DSparkGenerationStats",
     "DSparkLossOutput",
     "DSparkOutput",
     "DSparkTrainer",
     "DSparkTrainingArguments",
+    "check_drafter",
     "dspark_loss",
     "export_deepspec",
     "export_speculators",

@@ -74,6 +74,42 @@ def _add_convert_command(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def _add_check_command(subparsers) -> None:
+    def run(args: argparse.Namespace) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .check import check_drafter
+        from .modeling_dspark import DSparkForCausalLM
+
+        target = AutoModelForCausalLM.from_pretrained(args.target, dtype="auto").eval()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.target)
+        except (OSError, ValueError):
+            tokenizer = None
+            print("warning: the target folder has no tokenizer; the mask token is checked on the probe only.")
+        try:
+            drafter = DSparkForCausalLM.from_pretrained(args.drafter, verifier=target).eval()
+        except ValueError as err:
+            raise SystemExit(f"dspark check: {err}") from err
+        report = check_drafter(target, drafter, tokenizer, max_new_tokens=args.max_new_tokens)
+        print(report.summary())
+        if report.faults:
+            raise SystemExit(f"dspark check: structural fault: {report.faults[0]}")
+
+    parser = subparsers.add_parser(
+        "check",
+        help="Check a drafter against its target before serving or training: sizes, target layers, the "
+        "embedding / LM-head copies, the mask token, dtype, and a teacher-forced acceptance probe. Exit "
+        "code 1 on a structural fault.",
+    )
+    parser.add_argument("target", help="Target model folder or Hub id (with its tokenizer).")
+    parser.add_argument("drafter", help="Drafter folder or Hub id (native, DeepSpec or speculators layout).")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=32, help="Greedy target tokens per probe prompt."
+    )
+    parser.set_defaults(func=run)
+
+
 def _add_train_command(subparsers) -> None:
     def run(args: argparse.Namespace) -> None:
         from pathlib import Path
@@ -420,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_push_command(subparsers)
     _add_convert_command(subparsers)
+    _add_check_command(subparsers)
     _add_train_command(subparsers)
     _add_quickstart_command(subparsers)
     _add_data_command(subparsers)
