@@ -24,7 +24,7 @@ def _add_push_command(subparsers) -> None:
         help="Publish a drafter folder to the Hugging Face Hub with its model card (safetensors files only).",
     )
     parser.add_argument(
-        "folder", help="Drafter folder (native or DeepSpec layout; published in the native one)."
+        "folder", help="Drafter folder (native, DeepSpec or speculators layout; published in the native one)."
     )
     parser.add_argument("repo_id", help="Hub repo id, e.g. my-org/dspark-qwen3-4b.")
     parser.add_argument("--private", action="store_true", help="Create the repo as private.")
@@ -356,10 +356,10 @@ def _add_calibrate_command(subparsers) -> None:
             layout = detect_layout(args.drafter)
         except ValueError as err:
             raise SystemExit(f"dspark calibrate: {err}") from err
-        if in_place and layout == "deepspec":
+        if in_place and layout != "native":
             raise SystemExit(
-                "dspark calibrate: the drafter folder is in DeepSpec's layout, which has no place for the "
-                "calibration; pass --output-dir to save a native copy."
+                f"dspark calibrate: the drafter folder is in the {layout} layout, which the calibration "
+                "would overwrite with a native config; pass --output-dir to save a native copy."
             )
         if args.prompts_per_set < 1:
             raise SystemExit("dspark calibrate: --prompts-per-set must be >= 1.")
