@@ -4,7 +4,8 @@ speculators pins transformers <= 5.19 and dspark_hf needs >= 5.23, so the check 
 virtual environments (`benchmarks/speculators_check.sh` drives them):
 
 1. `export` (dspark_hf's environment): a tiny Llama target, one random drafter per case (vanilla, gated, rnn
-   head, with and without a confidence head, plus draft sub-vocabulary cases), each exported with
+   head, with and without a confidence head, plus draft sub-vocabulary cases and one without a Markov
+   head), each exported with
    `export_speculators`; fixed random inputs (context features, sequence, anchors) and dspark_hf's logits and
    confidence logits on them.
 2. `peer` (speculators' environment): for each export, speculators' config validates, its `DSparkDraftModel`
@@ -44,6 +45,13 @@ CASES += [
         "sub": True,
     },
     {"name": "rnn_conf_subvocab", "markov_head_type": "rnn", "enable_confidence_head": True, "sub": True},
+    # markov_rank = 0, the DFlash ablation: no Markov head, the confidence head reads the hidden state only
+    {
+        "name": "no_markov_conf",
+        "markov_head_type": "vanilla",
+        "enable_confidence_head": True,
+        "markov_rank": 0,
+    },
 ]
 VOCAB, HIDDEN, TARGET_LAYERS, BLOCK, SEQ = 96, 32, 4, 4, 24
 ANCHORS = [3, 9, 15]  # every anchor opens a block of BLOCK positions inside the sequence
@@ -77,7 +85,8 @@ def export(work: Path) -> None:
     input_ids = torch.randint(0, VOCAB - 1, (1, SEQ), generator=gen)
     for case in CASES:
         drafter = dspark_hf.DSparkForCausalLM.from_target(
-            target, num_hidden_layers=2, block_size=BLOCK, markov_rank=8, target_layer_ids=[-1, 1, 3],
+            target, num_hidden_layers=2, block_size=BLOCK, markov_rank=case.get("markov_rank", 8),
+            target_layer_ids=[-1, 1, 3],
             mask_token_id=VOCAB - 1, markov_head_type=case["markov_head_type"],
             enable_confidence_head=case["enable_confidence_head"],
             target_model_name_or_path=str(work / "target"),
