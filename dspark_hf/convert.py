@@ -12,13 +12,12 @@ import json
 import os
 from pathlib import Path
 
-from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from .configuration_dspark import DEEPSPEC_ARCHITECTURE, DSparkConfig
 from .modeling_dspark import DSparkForCausalLM
 from .speculators_format import export_speculators
-from .weight_layouts import Layout, config_layout, serving_state_dict
+from .weight_layouts import Layout, config_layout, serving_state_dict, write_serving_folder
 
 LAYOUTS: tuple[Layout, ...] = ("native", "deepspec", "speculators")
 
@@ -29,13 +28,9 @@ def export_deepspec(drafter: DSparkForCausalLM, out_dir: str | Path, num_anchors
     A draft sub-vocabulary is stored as engines read EAGLE-3 drafters' (`draft_vocab_size`, draft rows of
     `lm_head` and Markov W2, `d2t` / `t2d`; see `weight_layouts`).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = drafter.config.to_deepspec_dict(num_anchors=num_anchors)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tensors = serving_state_dict(drafter.state_dict(), drafter.config.vocab_size)
-    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
-    return out_dir
+    return write_serving_folder(out_dir, config, tensors)
 
 
 def is_deepspec_checkpoint(path: str | Path) -> bool:

@@ -16,14 +16,11 @@ format from config.json.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from safetensors.torch import save_file
-
 from .modeling_dspark import DSparkForCausalLM
-from .weight_layouts import read_config_dict, serving_state_dict
+from .weight_layouts import read_config_dict, serving_state_dict, write_serving_folder
 
 # Tensors speculators never stores: the embedding always, the LM head unless reduced to a draft vocabulary.
 _OMITTED_ALWAYS = ("embed_tokens.weight",)
@@ -58,14 +55,10 @@ def export_speculators(
     )
     config = drafter.config
     verifier = verifier_name_or_path or config.target_model_name_or_path
-    out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     exported = config.to_speculators_dict(verifier, _verifier_architectures(verifier))
-    (out_dir / "config.json").write_text(json.dumps(exported, indent=2, sort_keys=True) + "\n")
     omit = _OMITTED_ALWAYS if config.draft_vocab_size is not None else _OMITTED_FULL_VOCAB
     tensors = serving_state_dict(drafter.state_dict(), config.vocab_size, omit=omit)
-    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
-    return out_dir
+    return write_serving_folder(output_dir, exported, tensors)
 
 
 __all__ = ["export_speculators"]

@@ -75,6 +75,17 @@ def serving_state_dict(
     return tensors
 
 
+def write_serving_folder(
+    out_dir: str | os.PathLike, config_dict: dict, tensors: dict[str, torch.Tensor]
+) -> Path:
+    """The two files of a serving layout: config.json (sorted keys) and model.safetensors."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
+    return out_dir
+
+
 def native_state_dict(
     tensors: dict[str, torch.Tensor], config: DSparkConfig, target_copies: dict[str, torch.Tensor] | None
 ) -> dict[str, torch.Tensor]:
@@ -110,7 +121,8 @@ def native_state_dict(
             f"The checkpoint omits {absent}, copies of the target's weights (speculators takes them from the "
             "verifier); pass `verifier=` (the target model or its folder / Hub id)."
         )
-    tensors.update({name: copies[name] for name in missing})
+    dtype = tensors["fc.weight"].dtype  # the checkpoint's own precision, not the verifier's
+    tensors.update({name: copies[name].to(dtype) for name in missing})
     return tensors
 
 
@@ -204,6 +216,7 @@ __all__ = [
     "vocab_mappings",
     "draft_vocab_from_mappings",
     "serving_state_dict",
+    "write_serving_folder",
     "native_state_dict",
     "read_config_dict",
     "config_layout",
