@@ -24,7 +24,7 @@ def _add_push_command(subparsers) -> None:
         help="Publish a drafter folder to the Hugging Face Hub with its model card (safetensors files only).",
     )
     parser.add_argument(
-        "folder", help="Drafter folder (native or DeepSpec layout; published in the native one)."
+        "folder", help="Drafter folder (native, DeepSpec or speculators layout; published in the native one)."
     )
     parser.add_argument("repo_id", help="Hub repo id, e.g. my-org/dspark-qwen3-4b.")
     parser.add_argument("--private", action="store_true", help="Create the repo as private.")
@@ -42,26 +42,70 @@ def _add_convert_command(subparsers) -> None:
         from .convert import convert_checkpoint, detect_layout, serving_instructions
 
         try:
-            dst = convert_checkpoint(args.src, args.dst, to=args.to)
+            dst = convert_checkpoint(args.src, args.dst, to=args.format, verifier=args.verifier)
         except ValueError as err:
             raise SystemExit(f"dspark convert: {err}") from err
         layout = detect_layout(dst)
-        deepspec_dir, native_dir = (dst, args.src) if layout == "deepspec" else (args.src, dst)
-        config = DSparkConfig.from_pretrained(dst)
         print(f"Wrote the {layout}-layout checkpoint to {dst}.\n")
-        print(f'transformers: import dspark_hf; AutoModel.from_pretrained("{native_dir}")\n')
-        print(serving_instructions(config, deepspec_dir))
+        print(f'transformers: import dspark_hf; AutoModel.from_pretrained("{dst}")\n')
+        served, served_layout = (dst, layout) if layout != "native" else (args.src, detect_layout(args.src))
+        print(serving_instructions(DSparkConfig.from_pretrained(dst), served, served_layout))
 
     parser = subparsers.add_parser(
         "convert",
-        help="Convert a drafter between DeepSpec's layout (served by vLLM/SGLang) and the native one.",
+        help="Convert a drafter between the native layout, DeepSpec's (served by vLLM and SGLang) and "
+        "speculators' (served by vLLM).",
     )
     parser.add_argument("src", help="Drafter folder to convert.")
     parser.add_argument("dst", help="Output folder.")
     parser.add_argument(
+        "--format",
         "--to",
-        choices=["native", "deepspec"],
-        help="Output layout (default: the other layout than the source's).",
+        dest="format",
+        choices=["native", "deepspec", "speculators"],
+        help="Output layout (default: deepspec for a native folder, native for the others).",
+    )
+    parser.add_argument(
+        "--verifier",
+        help="Target model folder or Hub id: recorded as the verifier of a speculators export, and the "
+        "source of the embedding / LM head a speculators checkpoint omits (default: the drafter's "
+        "recorded target).",
+    )
+    parser.set_defaults(func=run)
+
+
+def _add_check_command(subparsers) -> None:
+    def run(args: argparse.Namespace) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .check import check_drafter
+        from .modeling_dspark import DSparkForCausalLM
+
+        target = AutoModelForCausalLM.from_pretrained(args.target, dtype="auto").eval()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.target)
+        except (OSError, ValueError):
+            tokenizer = None
+            print("warning: the target folder has no tokenizer; the mask token is checked on the probe only.")
+        try:
+            drafter = DSparkForCausalLM.from_pretrained(args.drafter, verifier=target).eval()
+        except ValueError as err:
+            raise SystemExit(f"dspark check: {err}") from err
+        report = check_drafter(target, drafter, tokenizer, max_new_tokens=args.max_new_tokens)
+        print(report.summary())
+        if report.faults:
+            raise SystemExit(f"dspark check: structural fault: {report.faults[0]}")
+
+    parser = subparsers.add_parser(
+        "check",
+        help="Check a drafter against its target before serving or training: sizes, target layers, the "
+        "embedding / LM-head copies, the mask token, dtype, and a teacher-forced acceptance probe. Exit "
+        "code 1 on a structural fault.",
+    )
+    parser.add_argument("target", help="Target model folder or Hub id (with its tokenizer).")
+    parser.add_argument("drafter", help="Drafter folder or Hub id (native, DeepSpec or speculators layout).")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=32, help="Greedy target tokens per probe prompt."
     )
     parser.set_defaults(func=run)
 
@@ -314,10 +358,10 @@ def _add_calibrate_command(subparsers) -> None:
             layout = detect_layout(args.drafter)
         except ValueError as err:
             raise SystemExit(f"dspark calibrate: {err}") from err
-        if in_place and layout == "deepspec":
+        if in_place and layout != "native":
             raise SystemExit(
-                "dspark calibrate: the drafter folder is in DeepSpec's layout, which has no place for the "
-                "calibration; pass --output-dir to save a native copy."
+                f"dspark calibrate: the drafter folder is in the {layout} layout, which the calibration "
+                "would overwrite with a native config; pass --output-dir to save a native copy."
             )
         if args.prompts_per_set < 1:
             raise SystemExit("dspark calibrate: --prompts-per-set must be >= 1.")
@@ -414,6 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_push_command(subparsers)
     _add_convert_command(subparsers)
+    _add_check_command(subparsers)
     _add_train_command(subparsers)
     _add_quickstart_command(subparsers)
     _add_data_command(subparsers)

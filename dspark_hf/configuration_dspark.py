@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig
+from transformers import AutoConfig, PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
 from .heads import MARKOV_HEADS
@@ -225,11 +226,10 @@ class DSparkConfig(PreTrainedConfig):
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs: Any) -> tuple[dict, dict]:
-        """Read config.json, translating DeepSpec's layout so that its checkpoints load unchanged."""
+        """Read config.json, translating DeepSpec's and speculators' layouts so their checkpoints load
+        unchanged."""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        if config_dict.get("model_type") != cls.model_type:
-            config_dict = deepspec_to_native_dict(config_dict)
-        return config_dict, kwargs
+        return to_native_dict(config_dict), kwargs
 
     def to_deepspec_dict(self, num_anchors: int | None = None) -> dict[str, Any]:
         """The config.json of DeepSpec's layout, which vLLM (`method: dspark`) and SGLang (`DSPARK`) serve."""
@@ -247,11 +247,112 @@ class DSparkConfig(PreTrainedConfig):
             use_cache=True,
             num_anchors=num_anchors or getattr(self, "num_anchors", DEEPSPEC_DEFAULT_NUM_ANCHORS),
         )
+        if self.draft_vocab_size is not None:
+            out["draft_vocab_size"] = self.draft_vocab_size
         if self.markov_rank == 0:
             out.pop("markov_head_type", None)
         if not self.enable_confidence_head:
             out.pop("confidence_head_with_markov", None)
         return out
+
+    def to_speculators_dict(
+        self, verifier_name_or_path: str | None, verifier_architectures: list[str] | None = None
+    ) -> dict[str, Any]:
+        """The config.json of speculators' DSpark format (`speculators_model_type: dspark`), served by vLLM.
+
+        speculators counts target layers from the embedding output (its layer id 0), so its
+        `aux_hidden_state_layer_ids` are ours + 1. The block convention is written explicitly: the anchor slot
+        is the first prediction (`sample_from_anchor`), not a bonus token, so a round drafts `block_size`
+        tokens. `num_target_layers` and the calibration fields ride along as extra keys (speculators keeps
+        unknown keys), so that an import restores them.
+        """
+        native = self.to_dict()
+        layer_config = {k: native[k] for k in _QWEN3_LAYER_FIELDS}
+        layer_config.update(
+            model_type="qwen3",
+            layer_types=["full_attention"] * self.num_hidden_layers,
+            max_window_layers=self.num_hidden_layers,
+            sliding_window=None,
+            use_sliding_window=False,
+            use_cache=True,
+        )
+        out = {
+            "architectures": [SPECULATORS_ARCHITECTURE],
+            "speculators_model_type": "dspark",
+            "speculators_version": SPECULATORS_VERSION,
+            "speculators_config": {
+                "algorithm": "dspark",
+                "proposal_methods": [
+                    {
+                        "proposal_type": "greedy",
+                        "speculative_tokens": self.block_size,
+                        "accept_tolerance": 0.0,
+                        "verifier_accept_k": 1,
+                    }
+                ],
+                "default_proposal_method": "greedy",
+                "verifier": {
+                    "name_or_path": verifier_name_or_path,
+                    "architectures": list(verifier_architectures or []),
+                },
+            },
+            "transformer_layer_config": layer_config,
+            "aux_hidden_state_layer_ids": [i + SPECULATORS_LAYER_ID_OFFSET for i in self.target_layer_ids],
+            "block_size": self.block_size,
+            "mask_token_id": self.mask_token_id,
+            "draft_vocab_size": self.draft_vocab_size or self.vocab_size,
+            "target_hidden_size": None,
+            "sliding_window_non_causal": False,
+            "sample_from_anchor": True,
+            "dspark_bonus_anchor": False,
+            "markov_rank": self.markov_rank,
+            "markov_head_type": self.markov_head_type,
+            "enable_confidence_head": self.enable_confidence_head,
+            "confidence_head_with_markov": self.confidence_head_with_markov,
+            "num_target_layers": self.num_target_layers,
+        }
+        for field in ("dtype", "transformers_version", *_SPECULATORS_EXTRA_FIELDS):
+            if native.get(field) is not None:
+                out[field] = native[field]
+        return out
+
+
+# speculators' DSpark format (speculators 0.9.0, the version the peer check runs against).
+SPECULATORS_ARCHITECTURE = "DSparkSpeculator"
+SPECULATORS_VERSION = "0.9.0"
+# speculators' layer id 0 is the embedding output (hidden_states[0] of transformers), ours is -1.
+SPECULATORS_LAYER_ID_OFFSET = 1
+# Fields of the draft decoder that speculators keeps in `transformer_layer_config` (a Qwen3 config).
+_QWEN3_LAYER_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "rms_norm_eps",
+    "rope_parameters",
+    "max_position_embeddings",
+    "attention_bias",
+    "attention_dropout",
+    "initializer_range",
+    "tie_word_embeddings",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+)
+# Native drafting fields exported as extra keys of a speculators config, restored on import.
+_SPECULATORS_EXTRA_FIELDS = ("confidence_temperatures", "target_cost_profile")
+# speculators' defaults for DSpark fields a config may omit (DSparkSpeculatorConfig, speculators 0.9.0).
+_SPECULATORS_DSPARK_DEFAULTS = {
+    "markov_rank": 256,
+    "markov_head_type": "vanilla",
+    "enable_confidence_head": True,
+    "confidence_head_with_markov": True,
+    "sample_from_anchor": True,
+}
 
 
 _NATIVE_ONLY_FIELDS = (
@@ -287,7 +388,115 @@ def deepspec_to_native_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
     native["architectures"] = ["DSparkForCausalLM"]
     native.setdefault("markov_head_type", "vanilla")
     native.setdefault("confidence_head_with_markov", False)
+    if native.get("draft_vocab_size") is not None:
+        # Only the draft rows of the LM head and Markov W2 are stored: prompt tokens cannot be added.
+        native["extend_draft_vocab_with_prompt"] = False
     return native
 
 
-__all__ = ["DSparkConfig", "default_target_layer_ids", "deepspec_to_native_dict"]
+def speculators_to_native_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """Translate the config.json of a speculators DSpark checkpoint into DSparkConfig fields.
+
+    Raises a ValueError for other speculators algorithms and for block conventions dspark_hf cannot
+    represent (the anchor as a bonus token, i.e. `sample_from_anchor: false` or `dspark_bonus_anchor: true`).
+    """
+    model_type = config_dict.get("speculators_model_type")
+    if model_type != "dspark":
+        raise ValueError(
+            f"Not a DSpark checkpoint: speculators_model_type={model_type!r} (dspark_hf loads 'dspark')."
+        )
+    fields = {**_SPECULATORS_DSPARK_DEFAULTS, **config_dict}
+    if not fields["sample_from_anchor"] or fields.get("dspark_bonus_anchor"):
+        raise ValueError(
+            "This speculators checkpoint treats the anchor as a bonus token (sample_from_anchor="
+            f"{fields['sample_from_anchor']}, dspark_bonus_anchor={fields.get('dspark_bonus_anchor')}): its "
+            "slot k predicts the token at anchor + k, while dspark_hf drafters predict anchor + k + 1 from "
+            "slot k. dspark_hf cannot represent that layout."
+        )
+    if fields.get("mask_token_id") is None:
+        raise ValueError("The speculators config has no mask_token_id; a DSpark drafter needs one.")
+    layer = dict(fields["transformer_layer_config"])
+    native = {k: layer[k] for k in _QWEN3_LAYER_FIELDS if k in layer}
+    target_layer_ids = [i - SPECULATORS_LAYER_ID_OFFSET for i in fields["aux_hidden_state_layer_ids"]]
+    verifier = (fields.get("speculators_config") or {}).get("verifier") or {}
+    vocab_size = native["vocab_size"]
+    draft_vocab_size = fields.get("draft_vocab_size") or vocab_size
+    native.update(
+        model_type=DSparkConfig.model_type,
+        architectures=["DSparkForCausalLM"],
+        target_layer_ids=target_layer_ids,
+        # speculators records no target depth; the deepest layer read is the smallest consistent value.
+        num_target_layers=fields.get("num_target_layers") or max(target_layer_ids) + 1,
+        target_model_name_or_path=verifier.get("name_or_path"),
+        block_size=fields["block_size"],
+        mask_token_id=fields["mask_token_id"],
+        markov_rank=fields["markov_rank"],
+        markov_head_type=fields["markov_head_type"],
+        enable_confidence_head=fields["enable_confidence_head"],
+        confidence_head_with_markov=fields["confidence_head_with_markov"],
+        draft_vocab_size=None if draft_vocab_size == vocab_size else draft_vocab_size,
+        extend_draft_vocab_with_prompt=draft_vocab_size == vocab_size,
+    )
+    for key in ("dtype", "transformers_version", *_SPECULATORS_EXTRA_FIELDS):
+        if fields.get(key) is not None:
+            native[key] = fields[key]
+    return native
+
+
+def to_native_dict(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """DSparkConfig fields of a native, DeepSpec or speculators config.json (a ValueError for other ones)."""
+    if "speculators_model_type" in config_dict:
+        return speculators_to_native_dict(config_dict)
+    if config_dict.get("model_type") != DSparkConfig.model_type:
+        return deepspec_to_native_dict(config_dict)
+    return config_dict
+
+
+def is_foreign_dspark_config(config_dict: dict[str, Any]) -> bool:
+    """Whether a config.json is a DSpark drafter in DeepSpec's or speculators' layout."""
+    return config_dict.get("speculators_model_type") == "dspark" or DEEPSPEC_ARCHITECTURE in (
+        config_dict.get("architectures") or []
+    )
+
+
+def route_foreign_checkpoints_in_auto_config() -> None:
+    """Make `AutoConfig.from_pretrained` (hence `AutoModel`) return a DSparkConfig for DeepSpec and
+    speculators DSpark folders.
+
+    Their config.json names no model type transformers could route (DeepSpec's says `qwen3`, speculators'
+    has none), and transformers offers no hook, so this wraps `AutoConfig.from_pretrained` once, globally:
+    only configs that `is_foreign_dspark_config` recognises are redirected, every other call is unchanged.
+    """
+    original = AutoConfig.from_pretrained.__func__
+    if getattr(original, "routes_dspark_checkpoints", False):
+        return
+
+    @functools.wraps(original)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+        try:
+            raw, _ = PreTrainedConfig.get_config_dict(pretrained_model_name_or_path, **hub_kwargs)
+        except (OSError, ValueError):
+            raw = {}  # the original call raises the proper error
+        if is_foreign_dspark_config(raw):
+            for key in ("trust_remote_code", "code_revision"):
+                kwargs.pop(key, None)
+            return DSparkConfig.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return original(cls, pretrained_model_name_or_path, *args, **kwargs)
+
+    from_pretrained.routes_dspark_checkpoints = True
+    AutoConfig.from_pretrained = classmethod(from_pretrained)
+
+
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
+__all__ = [
+    "DSparkConfig",
+    "default_target_layer_ids",
+    "route_foreign_checkpoints_in_auto_config",
+    "deepspec_to_native_dict",
+    "speculators_to_native_dict",
+    "to_native_dict",
+    "is_foreign_dspark_config",
+]

@@ -359,7 +359,7 @@ def push_folder(
     token: bool | str | None = None,
     commit_message: str | None = None,
 ) -> CommitInfo:
-    """Publish a saved drafter folder (native or DeepSpec layout) in the native layout with a fresh card.
+    """Publish a saved drafter folder (any layout dspark_hf loads) in the native layout with a fresh card.
 
     Training details, results and licence recorded in the folder's card are kept; `results` replaces the
     recorded results. Only the drafter's files are uploaded, never optimizer states or pickles.

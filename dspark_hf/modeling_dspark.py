@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import snapshot_download
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -26,6 +28,7 @@ from .configuration_dspark import DSparkConfig
 from .generation import DSparkGenerationMixin
 from .heads import ConfidenceHead, build_markov_head
 from .hub import DSparkHubMixin
+from .weight_layouts import needs_translation, read_config_dict, write_native_folder
 
 logger = logging.get_logger(__name__)
 
@@ -274,8 +277,20 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         return drafter
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load a native or DeepSpec checkpoint; safetensors only (pickled weights are refused)."""
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path,
+        *args,
+        verifier: PreTrainedModel | str | os.PathLike | None = None,
+        **kwargs,
+    ):
+        """Load a native, DeepSpec or speculators checkpoint; safetensors only (pickled weights are refused).
+
+        speculators checkpoints omit the copies of the target's embedding (and LM head): they are taken from
+        `verifier` (the target model, or its folder / Hub id), by default the verifier the checkpoint records.
+        Checkpoints whose tensors differ from the native layout are translated through a temporary native
+        folder, so every `from_pretrained` option applies unchanged.
+        """
         path = str(pretrained_model_name_or_path)
         if os.path.isdir(path):
             files = set(os.listdir(path))
@@ -285,8 +300,17 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
                     "dspark_hf loads safetensors checkpoints only. Convert them with safetensors first."
                 )
         kwargs["use_safetensors"] = True
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        if needs_translation(read_config_dict(path)):
+            if not os.path.isdir(path):
+                path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+            with tempfile.TemporaryDirectory() as native_dir:
+                write_native_folder(path, native_dir, verifier)
+                loaded = super().from_pretrained(native_dir, *args, **kwargs)
+            model = loaded[0] if isinstance(loaded, tuple) else loaded
+            model.name_or_path = model.config._name_or_path = str(pretrained_model_name_or_path)
+        else:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
         model.freeze_target_copies()
         return loaded
 

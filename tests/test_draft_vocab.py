@@ -27,7 +27,7 @@ def tiny_drafter() -> DSparkForCausalLM:
     return DSparkForCausalLM(config)
 
 
-def test_draft_vocab_is_saved_and_reloaded_but_not_exported(tmp_path):
+def test_draft_vocab_is_saved_reloaded_and_exported_as_draft_rows(tmp_path):
     drafter = tiny_drafter()
     drafter.set_draft_vocab([9, 3, 3, 40])
     assert drafter.config.draft_vocab_size == 3 and drafter.draft_vocab_ids.tolist() == [3, 9, 40]
@@ -35,9 +35,10 @@ def test_draft_vocab_is_saved_and_reloaded_but_not_exported(tmp_path):
     reloaded = DSparkForCausalLM.from_pretrained(tmp_path / "native")
     assert reloaded.draft_vocab_ids.tolist() == [3, 9, 40]
 
-    export_deepspec(reloaded, tmp_path / "deepspec")
-    assert "draft_vocab_ids" not in load_file(tmp_path / "deepspec" / "model.safetensors")
-    assert "draft_vocab_size" not in json.loads((tmp_path / "deepspec" / "config.json").read_text())
+    export_deepspec(reloaded, tmp_path / "deepspec")  # EAGLE-3 style, see test_speculators_format.py
+    exported = load_file(tmp_path / "deepspec" / "model.safetensors")
+    assert "draft_vocab_ids" not in exported and exported["d2t"].tolist() == [3, 8, 38]
+    assert json.loads((tmp_path / "deepspec" / "config.json").read_text())["draft_vocab_size"] == 3
 
     reloaded.set_draft_vocab(None)
     assert reloaded.config.draft_vocab_size is None and "draft_vocab_ids" not in reloaded.state_dict()
