@@ -20,20 +20,14 @@ from tqdm.auto import tqdm
 
 from .benchmarking import encode_chat_prompt, json_safe, run_interleaved, summarize, timed_generate
 from .cost_profile import profile_cost
-from .data import build_dataset, load_prompts, reference_training_rows
+from .data import build_dataset, load_onpolicy_rows, load_prompts, reference_training_rows
 from .draft_vocab import load_token_ranking, ranked_vocab
 from .modeling_dspark import DSparkForCausalLM
+from .onpolicy import answer_counts
 from .recipes import get_recipe
 from .reference_target import load_reference_target
 from .trainer import DSparkTrainer
 from .training_args import DSparkTrainingArguments
-
-TRAINING_DATA_DESCRIPTION = (
-    "the reference target's own greedy answers vendored in dspark_hf/resources: smollm2_train.jsonl "
-    "(GSM8K test rows 100-249 and 150 ShareGPT V3 first turns, <= 256 new tokens) and "
-    "smollm2_onpolicy_512.jsonl.gz rows 0-2010 (GSM8K test rows 250-1318 and ShareGPT V3 first turns, "
-    "<= 512 new tokens)"
-)
 
 EVAL_DATASETS = ("gsm8k", "mt-bench", "humaneval")
 
@@ -71,6 +65,18 @@ class QuickstartOptions:
     max_new_tokens: int = 96
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 uses every core
+
+
+def training_data_description() -> str:
+    """What the quickstart trains on, exactly, for the model card."""
+    counts = answer_counts(load_onpolicy_rows())
+    modes = ", ".join(f"{n:,} {mode}" for mode, n in counts["by_sampling"].items())
+    return (
+        "the reference target's own answers, vendored in dspark_hf/resources: smollm2_train.jsonl (300 "
+        "greedy answers, <= 256 new tokens, to GSM8K test rows 100-249 and 150 ShareGPT V3 first turns) and "
+        f"smollm2_onpolicy.jsonl.gz ({counts['answers']:,} answers, <= 512 new tokens, to "
+        f"{counts['prompts']:,} prompts: GSM8K test rows 250-1318 and ShareGPT V3 first turns; {modes})"
+    )
 
 
 def build_drafter(target, tokenizer, options: QuickstartOptions) -> DSparkForCausalLM:
@@ -251,7 +257,7 @@ def save_drafter(drafter, trainer: DSparkTrainer, results: dict, options: Quicks
     drafter.save_pretrained(
         Path(options.output_dir) / "drafter",
         training_info={
-            "dataset": TRAINING_DATA_DESCRIPTION,
+            "dataset": training_data_description(),
             "recipe": get_recipe(options.recipe).description,
             "steps": trainer.state.global_step,
             "minutes": options.max_train_minutes,
