@@ -30,6 +30,7 @@ from .trainer import DSparkTrainer
 from .training_args import DSparkTrainingArguments
 
 EVAL_DATASETS = ("gsm8k", "mt-bench", "humaneval")
+DATASET_NAMES = {"gsm8k": "GSM8K", "mt-bench": "MT-Bench", "humaneval": "HumanEval"}
 
 
 @dataclass
@@ -245,14 +246,14 @@ def format_report(results: dict) -> str:
 
 def save_drafter(drafter, trainer: DSparkTrainer, results: dict, options: QuickstartOptions) -> None:
     """Save the drafter with a card that names its data and carries what this run measured."""
-    prompts = f"{options.eval_prompts_per_set} each of GSM8K, MT-Bench, HumanEval"
     measured = {
-        f"{label} ({prompts})": {
-            "tau": results[name]["tau"],
-            "speedup": results[name]["speedup_vs_plain"],
+        f"{DATASET_NAMES[dataset]}, {label}": {
+            "tau": by_method[name]["tau"],
+            "speedup": by_method[name]["speedup_vs_plain"],
         }
+        for dataset, by_method in results["per_dataset"].items()
         for name, label in (("dspark", "full block"), ("dspark_scheduled", "confidence scheduling"))
-        if name in results
+        if name in by_method
     }
     drafter.save_pretrained(
         Path(options.output_dir) / "drafter",
@@ -268,7 +269,9 @@ def save_drafter(drafter, trainer: DSparkTrainer, results: dict, options: Quicks
         results={
             **measured,
             "command": "dspark quickstart",
-            "decoding": f"greedy, {options.max_new_tokens} new tokens, against plain target.generate()",
+            "decoding": f"greedy, {options.max_new_tokens} new tokens, against plain target.generate() "
+            "in float32 (the faster dtype on this CPU)",
+            "prompts": f"{options.eval_prompts_per_set} held-out evaluation prompts per dataset",
             "hardware": f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads",
         },
     )
