@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import transformers
@@ -29,11 +29,9 @@ from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorLi
 from transformers.utils import logging
 
 from .calibration import CalibrationRound, apply_temperatures
+from .context_cache import DSparkContextCache
 from .cost_profile import CostProfile
 from .schedulers import CausalPrefixScheduler
-
-if TYPE_CHECKING:
-    from .modeling_dspark import DSparkContextCache
 
 logger = logging.get_logger(__name__)
 
@@ -516,8 +514,6 @@ class DSparkGenerationMixin(GenerationMixin):
         the positions before the new anchor whose tokens the target committed are valid. The anchor's own
         features enter next round.
         """
-        from .modeling_dspark import DSparkContextCache
-
         tap, context = self._target_tap, self._draft_context
         if context is None:
             context = self._draft_context = _DraftContext(DSparkContextCache(self.config.num_hidden_layers))

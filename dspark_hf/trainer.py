@@ -32,8 +32,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_peft_available
 
 from .generation import _decoder_layers
-from .hub import write_model_card
 from .loss import DSparkLossOutput, dspark_loss, position_weights, target_distribution
+from .model_card import write_model_card
 from .time_budget import WallClockBudget
 from .training_args import DSparkTrainingArguments
 
