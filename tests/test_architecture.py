@@ -65,3 +65,31 @@ def test_no_module_imports_the_package_root():
     """Importing `dspark_hf` itself from inside would close a circle through `__init__`."""
     offenders = [name for name, deps in _graph().items() if name != "dspark_hf" and "dspark_hf" in deps]
     assert offenders == []
+
+
+def test_no_private_names_cross_modules():
+    private = [
+        f"{name} imports {n} from {source}"
+        for name, deps in _package_imports().items()
+        for source, names in deps
+        for n in names
+        if n.startswith("_") and not n.startswith("__")
+    ]
+    assert private == []
+
+
+def test_no_private_attributes_of_other_modules():
+    """`module._name` reaches into another module as surely as `from module import _name`."""
+    modules = {name.rpartition(".")[2] for name in _graph()}
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in modules
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
+                offenders.append(f"{path.name}: {node.value.id}.{node.attr}")
+    assert offenders == []
