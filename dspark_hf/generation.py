@@ -412,8 +412,8 @@ class DSparkGenerationMixin(GenerationMixin):
                     confidence_log.append(confidence_logit.item())
             row = logits[k : k + 1]
             if head is not None:
-                latent, state = head.latent(head.prev_embeddings(prev), hidden_k, state)
-                row = row + latent.float() @ weights.markov_w2
+                bias, state = head.step(prev, hidden_k, state, weights.markov_w2)
+                row = row + bias
             if weights.vocab_ids is not None:
                 full_row = row.new_full((1, self.config.vocab_size), -math.inf)
                 row = full_row.index_copy_(1, weights.vocab_ids, row)
