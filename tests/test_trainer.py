@@ -637,7 +637,8 @@ def test_dspark_train_command(tmp_path):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     output = tmp_path / "drafter"
     common = ["--target", str(tmp_path / "target"), "--dataset", str(tmp_path / "rows.jsonl")]
-    common += ["--output-dir", str(output), "--batch-size", "2", "--num-anchors", "4", "--seed", "0"]
+    common += ["--output-dir", str(output), "--per-device-train-batch-size", "2"]
+    common += ["--num-anchors", "4", "--seed", "0"]
     main(["train", *common, "--max-steps", "2", "--num-layers", "1", "--block-size", "3", "--eval-rows", "2"])
     drafter = DSparkForCausalLM.from_pretrained(output)
     assert drafter.config.num_hidden_layers == 1 and drafter.config.block_size == 3
