@@ -121,8 +121,8 @@ def _add_train_command(subparsers) -> None:
     def run(args: argparse.Namespace) -> None:
         from .workflows import train_drafter
 
-        script_args, training_args = (_dataclass_from_args(dtype, args) for dtype in dataclass_types)
         try:
+            script_args, training_args = (_dataclass_from_args(dtype, args) for dtype in dataclass_types)
             metrics = train_drafter(script_args, training_args)
         except ValueError as err:
             raise SystemExit(f"dspark train: {err}") from err
@@ -143,11 +143,15 @@ def _add_train_command(subparsers) -> None:
 def _add_dataclass_arguments(parser: argparse.ArgumentParser, options: type) -> None:
     """One ``--flag`` per field of the dataclass ``options``, with its default and its ``help`` metadata."""
     import dataclasses
+    import typing
 
     from transformers.hf_argparser import string_to_bool
 
+    hints = typing.get_type_hints(options)
     for option in dataclasses.fields(options):
-        kind = type(option.default)
+        # `X | None` parses as X; bools parse true/false/yes/no/1/0.
+        hint = hints[option.name]
+        kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
         parser.add_argument(
             f"--{option.name.replace('_', '-')}",
             type=string_to_bool if kind is bool else kind,

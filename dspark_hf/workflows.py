@@ -88,6 +88,12 @@ class TrainScriptArguments:
         metadata={"help": "Resume from the last checkpoint in --output_dir (or --resume_from_checkpoint's)."},
     )
 
+    def __post_init__(self):
+        if self.target is not None and self.dataset is None:
+            raise ValueError("--dataset is required with --target (chat rows answered by that target).")
+        if self.drafter is not None and self.drafter_overrides():
+            raise ValueError(f"{sorted(self.drafter_overrides())} define a new drafter, not --drafter's.")
+
     def drafter_overrides(self) -> dict[str, Any]:
         """The `DSparkConfig` fields given for a fresh drafter."""
         shape = {
@@ -120,13 +126,11 @@ def training_rows(
     output_dir: str,
 ) -> list[dict]:
     """The chat rows to train on: the dataset's (the reference answers by default), answered anew by the
-    target with `regenerate`. Raises a ValueError when a named target comes without a dataset."""
-    if script_args.dataset is not None:
-        rows = read_jsonl(Path(script_args.dataset))
-    elif script_args.target is None:
+    target with `regenerate`."""
+    if script_args.dataset is None:
         rows = load_reference_train_rows()
     else:
-        raise ValueError("--dataset is required with --target (chat rows answered by that target).")
+        rows = read_jsonl(Path(script_args.dataset))
     if not script_args.regenerate:
         return rows
     return regenerate_responses(
@@ -141,12 +145,9 @@ def training_rows(
 def make_drafter(
     script_args: TrainScriptArguments, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 ) -> DSparkForCausalLM:
-    """`script_args.drafter` loaded, or a fresh drafter for `target` of the given shape (not both)."""
-    overrides = script_args.drafter_overrides()
+    """`script_args.drafter` loaded, or a fresh drafter for `target` of the given shape."""
     if script_args.drafter is None:
-        return DSparkForCausalLM.from_target(target, tokenizer=tokenizer, **overrides)
-    if overrides:
-        raise ValueError(f"{sorted(overrides)} define a new drafter, not --drafter's.")
+        return DSparkForCausalLM.from_target(target, tokenizer=tokenizer, **script_args.drafter_overrides())
     return DSparkForCausalLM.from_pretrained(script_args.drafter)
 
 
