@@ -195,8 +195,35 @@ class DSparkGenerationMixin(GenerationMixin):
             followed by the drafted tokens and whose `scores` hold, per draft token, the exact logits it was
             drawn from (base logits + Markov bias, after the processors). Otherwise the sequences only.
         """
-        tap = self._target_tap
-        if tap is None:
+        self._check_draft_inputs(input_ids, attention_mask)
+        generation_config = self.generation_config if generation_config is None else generation_config
+        threshold, scheduler, record = self._verification_options()
+
+        start_time = time.perf_counter()
+        self._follow_generation(generation_config, input_ids[0], record)
+        block_size = self.config.block_size
+        limit = block_size if max_new_tokens is None else min(max_new_tokens, block_size)
+        sequences, scores = input_ids, ()
+        if limit > 0:
+            sequences, scores = self._draft_block(
+                input_ids,
+                limit,
+                LogitsProcessorList(logits_processor or []),
+                do_sample=bool(generation_config.do_sample),
+                eos_token_id=generation_config.eos_token_id,
+                min_new_tokens=min_new_tokens or 0,
+                threshold=threshold,
+                scheduler=scheduler,
+                record=record,
+            )
+        self._round_log.draft_time += time.perf_counter() - start_time
+        if not generation_config.return_dict_in_generate:
+            return sequences
+        return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores)
+
+    def _check_draft_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Raise unless the drafter is attached and the input is one unpadded sequence."""
+        if self._target_tap is None:
             raise RuntimeError(
                 "This DSpark drafter is not attached to a target: call `drafter.attach_target(target)` "
                 "before `target.generate(..., assistant_model=drafter)`."
@@ -208,53 +235,47 @@ class DSparkGenerationMixin(GenerationMixin):
             )
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("DSpark drafting does not support padded inputs; pass the unpadded sequence.")
-        generation_config = self.generation_config if generation_config is None else generation_config
-        threshold, scheduler, record = self._verification_options()
 
-        start_time = time.perf_counter()
-        if self._round_log is None or self._round_log.generation_key is not generation_config:
-            # Assisted generation passes the same config object every round, a new copy per `generate` call.
-            if self._round_log is not None:
-                self._round_log.close()
-            self._round_log = RoundLog(generation_config, record_confidence=record)
-            tap.rounds = self._round_log
-            self._request_vocab_ids = self.draft_vocab_for(input_ids[0])
-        block_size = self.config.block_size
-        limit = block_size if max_new_tokens is None else min(max_new_tokens, block_size)
-        scores: tuple[torch.Tensor, ...] = ()
-        sequences = input_ids
-        if limit > 0:
-            features, positions, complete = self._sync_context(input_ids[0])
-            if not complete and self._round_log.prefilled:
-                logger.warning_once(
-                    "The target's hidden states of some committed positions were never observed (was the "
-                    "target given a pre-filled cache?); drafting one token per round."
-                )
-            num_tokens = limit if complete else 1
-            sequences = input_ids.new_empty(1, input_ids.shape[1] + num_tokens)
-            sequences[:, : input_ids.shape[1]] = input_ids
-            hidden, logits = self._block_forward(input_ids, features, positions)
-            confidence_log = [] if record else None
-            scores = self._pick_block_tokens(
-                sequences,
-                num_tokens,
-                hidden,
-                logits,
-                LogitsProcessorList(logits_processor or []),
-                do_sample=bool(generation_config.do_sample),
-                eos_token_id=generation_config.eos_token_id,
-                min_new_tokens=min_new_tokens or 0,
-                threshold=threshold,
-                scheduler=scheduler,
-                confidence_log=confidence_log,
+    def _follow_generation(
+        self, generation_config: GenerationConfig, sequence: torch.Tensor, record: bool
+    ) -> None:
+        """Open a new round log when this call starts another target `generate`: assisted generation passes
+        the same config object every round, and a new copy per `generate` call."""
+        if self._round_log is not None and self._round_log.generation_key is generation_config:
+            return
+        if self._round_log is not None:
+            self._round_log.close()
+        self._round_log = RoundLog(generation_config, record_confidence=record)
+        self._target_tap.rounds = self._round_log
+        self._request_vocab_ids = self.draft_vocab_for(sequence)
+
+    def _draft_block(
+        self,
+        input_ids: torch.LongTensor,
+        limit: int,
+        logits_processor: LogitsProcessorList,
+        record: bool,
+        **picking: Any,
+    ) -> tuple[torch.LongTensor, tuple[torch.Tensor, ...]]:
+        """`input_ids` followed by up to `limit` draft tokens, and the logits each was drawn from; `picking`
+        are the options of `_pick_block_tokens`. Files the block's confidences with the round log."""
+        features, positions, complete = self._sync_context(input_ids[0])
+        if not complete and self._round_log.prefilled:
+            logger.warning_once(
+                "The target's hidden states of some committed positions were never observed (was the "
+                "target given a pre-filled cache?); drafting one token per round."
             )
-            sequences = sequences[:, : input_ids.shape[1] + len(scores)]
-            if record:
-                self._round_log.pending_confidence = confidence_log
-        self._round_log.draft_time += time.perf_counter() - start_time
-        if not generation_config.return_dict_in_generate:
-            return sequences
-        return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores)
+        num_tokens = limit if complete else 1
+        sequences = input_ids.new_empty(1, input_ids.shape[1] + num_tokens)
+        sequences[:, : input_ids.shape[1]] = input_ids
+        hidden, logits = self._block_forward(input_ids, features, positions)
+        confidence_log = [] if record else None
+        scores = self._pick_block_tokens(
+            sequences, num_tokens, hidden, logits, logits_processor, confidence_log=confidence_log, **picking
+        )
+        if record:
+            self._round_log.pending_confidence = confidence_log
+        return sequences[:, : input_ids.shape[1] + len(scores)], scores
 
     def _verification_options(self) -> tuple[float, CausalPrefixScheduler | None, bool]:
         """The confidence threshold, a fresh scheduler (None when scheduling is off) and whether to record
