@@ -1,4 +1,5 @@
-"""The `dspark` command line. Each subcommand is one `_add_<name>_command(subparsers)` function below."""
+"""The `dspark` command line. Each subcommand is `_add_<name>_command(subparsers)`, which declares its flags,
+and `_run_<name>(args)`, which runs it (the work itself lives in library functions)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,21 @@ import argparse
 from transformers import HfArgumentParser
 
 
+def _run_push(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from .hub import push_folder
+
+    results = json.loads(Path(args.results).read_text()) if args.results else None
+    try:
+        commit = push_folder(args.folder, args.repo_id, private=args.private or None, results=results)
+    except ValueError as err:
+        raise SystemExit(f"dspark push: {err}") from err
+    print(f"Published {args.folder} to {commit.repo_url.url} ({commit.commit_url})")
+
+
 def _add_push_command(subparsers) -> None:
-    def run(args: argparse.Namespace) -> None:
-        import json
-        from pathlib import Path
-
-        from .hub import push_folder
-
-        results = json.loads(Path(args.results).read_text()) if args.results else None
-        try:
-            commit = push_folder(args.folder, args.repo_id, private=args.private or None, results=results)
-        except ValueError as err:
-            raise SystemExit(f"dspark push: {err}") from err
-        print(f"Published {args.folder} to {commit.repo_url.url} ({commit.commit_url})")
-
     parser = subparsers.add_parser(
         "push",
         help="Publish a drafter folder to the Hugging Face Hub with its model card (safetensors files only).",
@@ -35,24 +37,25 @@ def _add_push_command(subparsers) -> None:
         help='JSON file of measured results for the card: {"<dataset>": {"tau": ..., "speedup": ...}, '
         '"command": "..."}.',
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=_run_push)
+
+
+def _run_convert(args: argparse.Namespace) -> None:
+    from .configuration_dspark import DSparkConfig
+    from .convert import convert_checkpoint, detect_layout, serving_instructions
+
+    try:
+        dst = convert_checkpoint(args.src, args.dst, to=args.format, verifier=args.verifier)
+    except ValueError as err:
+        raise SystemExit(f"dspark convert: {err}") from err
+    layout = detect_layout(dst)
+    print(f"Wrote the {layout}-layout checkpoint to {dst}.\n")
+    print(f'transformers: import dspark_hf; AutoModel.from_pretrained("{dst}")\n')
+    served, served_layout = (dst, layout) if layout != "native" else (args.src, detect_layout(args.src))
+    print(serving_instructions(DSparkConfig.from_pretrained(dst), served, served_layout))
 
 
 def _add_convert_command(subparsers) -> None:
-    def run(args: argparse.Namespace) -> None:
-        from .configuration_dspark import DSparkConfig
-        from .convert import convert_checkpoint, detect_layout, serving_instructions
-
-        try:
-            dst = convert_checkpoint(args.src, args.dst, to=args.format, verifier=args.verifier)
-        except ValueError as err:
-            raise SystemExit(f"dspark convert: {err}") from err
-        layout = detect_layout(dst)
-        print(f"Wrote the {layout}-layout checkpoint to {dst}.\n")
-        print(f'transformers: import dspark_hf; AutoModel.from_pretrained("{dst}")\n')
-        served, served_layout = (dst, layout) if layout != "native" else (args.src, detect_layout(args.src))
-        print(serving_instructions(DSparkConfig.from_pretrained(dst), served, served_layout))
-
     parser = subparsers.add_parser(
         "convert",
         help="Convert a drafter between the native layout, DeepSpec's (served by vLLM and SGLang) and "
@@ -73,31 +76,32 @@ def _add_convert_command(subparsers) -> None:
         "source of the embedding / LM head a speculators checkpoint omits (default: the drafter's "
         "recorded target).",
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=_run_convert)
+
+
+def _run_check(args: argparse.Namespace) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .check import check_drafter
+    from .modeling_dspark import DSparkForCausalLM
+
+    target = AutoModelForCausalLM.from_pretrained(args.target, dtype="auto").eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.target)
+    except (OSError, ValueError):
+        tokenizer = None
+        print("warning: the target folder has no tokenizer; the mask token is checked on the probe only.")
+    try:
+        drafter = DSparkForCausalLM.from_pretrained(args.drafter, verifier=target).eval()
+    except ValueError as err:
+        raise SystemExit(f"dspark check: {err}") from err
+    report = check_drafter(target, drafter, tokenizer, max_new_tokens=args.max_new_tokens)
+    print(report.summary())
+    if report.faults:
+        raise SystemExit(f"dspark check: structural fault: {report.faults[0]}")
 
 
 def _add_check_command(subparsers) -> None:
-    def run(args: argparse.Namespace) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from .check import check_drafter
-        from .modeling_dspark import DSparkForCausalLM
-
-        target = AutoModelForCausalLM.from_pretrained(args.target, dtype="auto").eval()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.target)
-        except (OSError, ValueError):
-            tokenizer = None
-            print("warning: the target folder has no tokenizer; the mask token is checked on the probe only.")
-        try:
-            drafter = DSparkForCausalLM.from_pretrained(args.drafter, verifier=target).eval()
-        except ValueError as err:
-            raise SystemExit(f"dspark check: {err}") from err
-        report = check_drafter(target, drafter, tokenizer, max_new_tokens=args.max_new_tokens)
-        print(report.summary())
-        if report.faults:
-            raise SystemExit(f"dspark check: structural fault: {report.faults[0]}")
-
     parser = subparsers.add_parser(
         "check",
         help="Check a drafter against its target before serving or training: sizes, target layers, the "
@@ -109,35 +113,36 @@ def _add_check_command(subparsers) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, default=32, help="Greedy target tokens per probe prompt."
     )
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=_run_check)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from .training_args import DSparkTrainingArguments
+    from .workflows import TrainScriptArguments, train_drafter
+
+    try:
+        script_args = _dataclass_from_args(TrainScriptArguments, args)
+        training_args = _dataclass_from_args(DSparkTrainingArguments, args)
+        metrics = train_drafter(script_args, training_args)
+    except ValueError as err:
+        raise SystemExit(f"dspark train: {err}") from err
+    tau = metrics.get("eval_expected_tau")
+    held_out = f" (held-out expected tau {tau:.2f})" if tau else ""
+    print(f"Saved the drafter to {training_args.output_dir}{held_out}")
 
 
 def _add_train_command(subparsers) -> None:
     from .training_args import DSparkTrainingArguments
     from .workflows import TrainScriptArguments
 
-    dataclass_types = (TrainScriptArguments, DSparkTrainingArguments)
-
-    def run(args: argparse.Namespace) -> None:
-        from .workflows import train_drafter
-
-        try:
-            script_args, training_args = (_dataclass_from_args(dtype, args) for dtype in dataclass_types)
-            metrics = train_drafter(script_args, training_args)
-        except ValueError as err:
-            raise SystemExit(f"dspark train: {err}") from err
-        tau = metrics.get("eval_expected_tau")
-        held_out = f" (held-out expected tau {tau:.2f})" if tau else ""
-        print(f"Saved the drafter to {training_args.output_dir}{held_out}")
-
     parser = subparsers.add_parser(
         "train",
         help="Train a DSpark drafter for a target on chat data (default: the offline SmolLM2-135M target).",
         description="Every DSparkTrainingArguments / TrainingArguments field is a flag (e.g. --max_steps, "
         "--per_device_train_batch_size, --bf16, --report_to); dashes work in place of underscores.",
-        dataclass_types=dataclass_types,
+        dataclass_types=(TrainScriptArguments, DSparkTrainingArguments),
     )
-    parser.set_defaults(output_dir="dspark-drafter", func=run)
+    parser.set_defaults(output_dir="dspark-drafter", func=_run_train)
 
 
 def _add_dataclass_arguments(parser: argparse.ArgumentParser, options: type) -> None:
@@ -167,6 +172,12 @@ def _dataclass_from_args(options: type, args: argparse.Namespace):
     return options(**{name: getattr(args, name) for name in fields})
 
 
+def _run_quickstart(args: argparse.Namespace) -> None:
+    from .quickstart import QuickstartOptions, run_quickstart
+
+    run_quickstart(_dataclass_from_args(QuickstartOptions, args))
+
+
 def _add_quickstart_command(subparsers) -> None:
     from .quickstart import QuickstartOptions
 
@@ -176,13 +187,17 @@ def _add_quickstart_command(subparsers) -> None:
         "assisted against plain decoding.",
     )
     _add_dataclass_arguments(parser, QuickstartOptions)
+    parser.set_defaults(func=_run_quickstart)
 
-    def run(args: argparse.Namespace) -> None:
-        from .quickstart import run_quickstart
 
-        run_quickstart(_dataclass_from_args(QuickstartOptions, args))
+def _run_data(args: argparse.Namespace) -> None:
+    import json
 
-    parser.set_defaults(func=run)
+    from .onpolicy import OnPolicyDataArguments, build_onpolicy_data, onpolicy_summary
+
+    options = _dataclass_from_args(OnPolicyDataArguments, args)
+    build_onpolicy_data(options)
+    print(json.dumps(onpolicy_summary(options.output)))
 
 
 def _add_data_command(subparsers) -> None:
@@ -194,49 +209,40 @@ def _add_data_command(subparsers) -> None:
         "training prompt pool (resumable).",
     )
     _add_dataclass_arguments(parser, OnPolicyDataArguments)
+    parser.set_defaults(func=_run_data)
 
-    def run(args: argparse.Namespace) -> None:
-        import json
 
-        from .onpolicy import build_onpolicy_data, onpolicy_summary
+def _run_calibrate(args: argparse.Namespace) -> None:
+    from .workflows import calibrate_drafter
 
-        options = _dataclass_from_args(OnPolicyDataArguments, args)
-        build_onpolicy_data(options)
-        print(json.dumps(onpolicy_summary(options.output)))
-
-    parser.set_defaults(func=run)
+    try:
+        report = calibrate_drafter(
+            args.drafter,
+            args.target,
+            prompts_per_set=args.prompts_per_set,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample,
+            profile_target_cost=args.profile_cost,
+            profile_context_length=args.profile_context_length,
+            output_dir=args.output_dir,
+            seed=args.seed,
+        )
+    except ValueError as err:
+        raise SystemExit(f"dspark calibrate: {err}") from err
+    mode = "sampling at temperature 1" if args.do_sample else "greedy decoding"
+    count = args.prompts_per_set
+    print(
+        f"{report.rounds} rounds of {mode}, full block verified, on the last {count} GSM8K and the last "
+        f"{count} MT-Bench eval prompts; prefix survival a_k raw -> STS:"
+    )
+    print(report.table)
+    if report.seconds_per_step is not None:
+        milliseconds = ", ".join(f"{1000 * s:.1f}" for s in report.seconds_per_step)
+        print(f"target forward time for 1..{len(report.seconds_per_step)} tokens (ms): {milliseconds}")
+    print(f"Saved the calibrated drafter config to {report.saved_config}.")
 
 
 def _add_calibrate_command(subparsers) -> None:
-    def run(args: argparse.Namespace) -> None:
-        from .workflows import calibrate_drafter
-
-        try:
-            report = calibrate_drafter(
-                args.drafter,
-                args.target,
-                prompts_per_set=args.prompts_per_set,
-                max_new_tokens=args.max_new_tokens,
-                do_sample=args.do_sample,
-                profile_target_cost=args.profile_cost,
-                profile_context_length=args.profile_context_length,
-                output_dir=args.output_dir,
-                seed=args.seed,
-            )
-        except ValueError as err:
-            raise SystemExit(f"dspark calibrate: {err}") from err
-        mode = "sampling at temperature 1" if args.do_sample else "greedy decoding"
-        count = args.prompts_per_set
-        print(
-            f"{report.rounds} rounds of {mode}, full block verified, on the last {count} GSM8K and the last "
-            f"{count} MT-Bench eval prompts; prefix survival a_k raw -> STS:"
-        )
-        print(report.table)
-        if report.seconds_per_step is not None:
-            milliseconds = ", ".join(f"{1000 * s:.1f}" for s in report.seconds_per_step)
-            print(f"target forward time for 1..{len(report.seconds_per_step)} tokens (ms): {milliseconds}")
-        print(f"Saved the calibrated drafter config to {report.saved_config}.")
-
     parser = subparsers.add_parser(
         "calibrate",
         help="Fit the confidence head's per-position temperatures (sequential temperature scaling) on "
@@ -271,7 +277,7 @@ def _add_calibrate_command(subparsers) -> None:
     )
     parser.add_argument("--output-dir", help="Save the calibrated drafter here instead of in place.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=_run_calibrate)
 
 
 def _subcommand_parser(dataclass_types=None, **kwargs) -> argparse.ArgumentParser:
