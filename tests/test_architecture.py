@@ -1,6 +1,7 @@
 """The package's module structure: no import circles, no private names imported across modules."""
 
 import ast
+import re
 from pathlib import Path
 
 import dspark_hf
@@ -93,3 +94,10 @@ def test_no_private_attributes_of_other_modules():
             ):
                 offenders.append(f"{path.name}: {node.value.id}.{node.attr}")
     assert offenders == []
+
+
+def test_the_readme_layout_lists_every_module():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout") :].split("```")[1]
+    listed = set(re.findall(r"^  (\w+\.py) ", layout, re.MULTILINE))
+    assert listed == {path.name for path in PACKAGE.glob("*.py")} - {"__init__.py"}
