@@ -199,10 +199,7 @@ def dspark_loss(
         )
         confidence_loss = (bce * weights).sum() / denominator
         loss = loss + confidence_weight * confidence_loss
-
-    flat_mask = mask.reshape(-1, block_size)
-    position_count = flat_mask.sum(0)
-    acceptance = (token_acceptance.reshape(-1, block_size) * flat_mask).sum(0) / position_count
+    acceptance, position_count = _acceptance_per_position(token_acceptance, mask)
     return DSparkLossOutput(
         loss=loss,
         ce_loss=ce_loss,
@@ -213,6 +210,16 @@ def dspark_loss(
         position_count=position_count,
         token_acceptance=token_acceptance,
     )
+
+
+def _acceptance_per_position(
+    token_acceptance: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean acceptance of each block position over its valid positions [block], and their count [block]."""
+    block_size = mask.shape[-1]
+    flat_mask = mask.reshape(-1, block_size)
+    position_count = flat_mask.sum(0)
+    return (token_acceptance.reshape(-1, block_size) * flat_mask).sum(0) / position_count, position_count
 
 
 def _target_terms(
