@@ -5,6 +5,7 @@ would take longer than a few seconds, so what is checked is what the flags turn 
 """
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,18 @@ def test_train_flags_become_the_script_and_training_arguments(record, tmp_path):
     (script_args, training_args), _ = calls[1]
     assert script_args.target is None and script_args.drafter_overrides() == {}
     assert training_args.num_anchors == 512 and training_args.learning_rate == 6e-4
+
+
+def test_the_readme_train_command_parses(record):
+    """README's `dspark train` example uses flags that exist (README and `dspark train --help` agree)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = [block.split("```")[0] for block in readme.split("```bash")[1:]]
+    command = next(block for block in blocks if block.lstrip().startswith("dspark train"))
+    calls = record(dspark_hf.workflows, "train_drafter", result={})
+    argv = shlex.split(command.replace("\\\n", " "))[1:]
+    main([flag for flag in argv if flag != "--bf16"])  # bfloat16 needs a GPU here
+    (script_args, training_args), _ = calls[0]
+    assert script_args.target and script_args.dataset and training_args.output_dir != "dspark-drafter"
 
 
 @pytest.mark.parametrize(
