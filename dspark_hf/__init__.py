@@ -15,13 +15,13 @@ from .modeling_dspark import DSparkForCausalLM, DSparkOutput
 from .speculators_format import export_speculators
 from .trainer import DSparkTrainer
 from .training_args import DSparkTrainingArguments
+from .version import __version__ as __version__
 
 AutoConfig.register(DSparkConfig.model_type, DSparkConfig, exist_ok=True)
 AutoModel.register(DSparkConfig, DSparkForCausalLM, exist_ok=True)
 AutoModelForCausalLM.register(DSparkConfig, DSparkForCausalLM, exist_ok=True)
 route_foreign_checkpoints_in_auto_config()  # DeepSpec and speculators folders load through AutoModel too
 
-__version__ = "0.1.0"
 
 __all__ = [
     "DSparkConfig",

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .generation import _sequence_cache
+from .target_tap import accepted_per_round, round_conditional_acceptance, round_tau, sequence_cache
 
 
 @dataclass
@@ -99,7 +99,7 @@ class ForwardLog:
     def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         length = input_ids.shape[-1] if input_ids is not None else kwargs["inputs_embeds"].shape[-2]
-        cache = _sequence_cache(kwargs)
+        cache = sequence_cache(kwargs)
         self.calls.append((cache.get_seq_length() if cache is not None else 0, length))
         self._started = time.perf_counter()
 
@@ -109,10 +109,9 @@ class ForwardLog:
     def rounds(self, final_length: int) -> tuple[list[int], list[int]]:
         """Drafted and accepted tokens (bonus excluded) of each verification round, i.e. of every forward
         after the prefill, for a batch-1 generation whose output has `final_length` tokens."""
-        committed = [past + 1 for past, _ in self.calls[1:]] + [final_length]
+        committed = [past + 1 for past, _ in self.calls[1:]]
         drafted = [tokens - 1 for _, tokens in self.calls[1:]]
-        accepted = [end - start - 1 for start, end in zip(committed, committed[1:])]
-        return drafted, accepted
+        return drafted, accepted_per_round(committed, final_length)
 
 
 def timed_generate(
@@ -162,15 +161,9 @@ def timed_generate(
 
 def conditional_acceptance(runs: Sequence[PromptRun], block_size: int) -> list[float]:
     """Per block position k: rounds accepting draft k over rounds that drafted k and all tokens before it."""
-    reached = [0] * block_size
-    passed = [0] * block_size
-    for run in runs:
-        for drafted, accepted in zip(run.drafted, run.accepted):
-            for k in range(min(drafted, block_size)):
-                if accepted >= k:
-                    reached[k] += 1
-                    passed[k] += accepted > k
-    return [p / r if r else math.nan for p, r in zip(passed, reached)]
+    drafted = [d for run in runs for d in run.drafted]
+    accepted = [a for run in runs for a in run.accepted]
+    return round_conditional_acceptance(drafted, accepted, block_size)
 
 
 def summarize(
@@ -183,10 +176,9 @@ def summarize(
     base = {r.prompt_index: r for r in baseline}
     ratios = [r.tokens_per_s / base[r.prompt_index].tokens_per_s for r in runs if r.prompt_index in base]
     rounds = sum(r.rounds for r in runs)
-    tau = (sum(sum(r.accepted) for r in runs) + rounds) / rounds if rounds else math.nan
     seconds = sum(r.seconds for r in runs)
     return MethodSummary(
-        tau=tau,
+        tau=round_tau([a for r in runs for a in r.accepted]),
         tokens_per_s=statistics.median(r.tokens_per_s for r in runs),
         speedup_vs_plain=statistics.median(ratios) if ratios else math.nan,
         draft_time_share=sum(r.draft_seconds for r in runs) / seconds

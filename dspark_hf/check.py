@@ -17,8 +17,8 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from .benchmarking import encode_chat_prompt
-from .generation import _decoder_layers, _TargetTap
 from .modeling_dspark import DSparkForCausalLM
+from .target_tap import LayerFeatures, decoder_layers, target_compatibility_faults
 
 # A trained drafter's first position is accepted far more often; below this it is untrained or misaligned.
 MIN_FIRST_POSITION_ACCEPTANCE = 0.1
@@ -107,40 +107,24 @@ def _tensor_fault(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> str | 
 def _structural_checks(
     target: PreTrainedModel, drafter: DSparkForCausalLM, report: DrafterCheckReport
 ) -> None:
-    config, text = drafter.config, target.config.get_text_config(decoder=True)
-    num_layers = len(_decoder_layers(target))
-    sizes_ok = True
+    faults = target_compatibility_faults(drafter.config, target)
+    report.faults += faults
+    if faults:
+        return
+    config = drafter.config
+    report.passed.append(f"vocab_size {config.vocab_size}, hidden_size {config.hidden_size}")
+    report.passed.append(
+        f"target_layer_ids {config.target_layer_ids} within the target's {len(decoder_layers(target))} layers"
+    )
     for name, ours, theirs in (
-        ("vocab_size", config.vocab_size, text.vocab_size),
-        ("hidden_size", config.hidden_size, text.hidden_size),
+        ("embed_tokens", drafter.embed_tokens.weight, target.get_input_embeddings().weight),
+        ("lm_head", drafter.lm_head.weight, target.get_output_embeddings().weight),
     ):
-        if ours != theirs:
-            report.faults.append(f"{name}: drafter {ours}, target {theirs}.")
-            sizes_ok = False
+        fault = _tensor_fault(name, ours.detach(), theirs.detach())
+        if fault:
+            report.faults.append(fault)
         else:
-            report.passed.append(f"{name} {ours}")
-    ids = config.target_layer_ids
-    if any(i < -1 or i >= num_layers for i in ids):
-        report.faults.append(
-            f"target_layer_ids {ids} are outside the target's layers [-1, {num_layers - 1}] (-1: embeddings)."
-        )
-    elif config.num_target_layers != num_layers:
-        report.faults.append(
-            f"num_target_layers: the drafter was built for a target with {config.num_target_layers} layers, "
-            f"this one has {num_layers}."
-        )
-    else:
-        report.passed.append(f"target_layer_ids {ids} within the target's {num_layers} layers")
-    if sizes_ok:
-        for name, ours, theirs in (
-            ("embed_tokens", drafter.embed_tokens.weight, target.get_input_embeddings().weight),
-            ("lm_head", drafter.lm_head.weight, target.get_output_embeddings().weight),
-        ):
-            fault = _tensor_fault(name, ours.detach(), theirs.detach())
-            if fault:
-                report.faults.append(fault)
-            else:
-                report.passed.append(f"{name} equal to the target's")
+            report.passed.append(f"{name} equal to the target's")
     if drafter.dtype != target.dtype:
         report.warnings.append(
             f"dtype: drafter {drafter.dtype}, target {target.dtype}; features are cast to the drafter's."
@@ -193,11 +177,10 @@ def _probe(
     config = drafter.config
     block_size, vocab_ids = config.block_size, getattr(drafter, "draft_vocab_ids", None)
     hits = []
-    tap = _TargetTap(target, config.target_layer_ids)
-    try:
+    with LayerFeatures(target, config.target_layer_ids) as capture:
         for sequence, prompt_length in sequences:
             target(sequence)
-            features = torch.cat(tap.features, dim=-1)
+            features = capture.concatenated()
             for p in range(prompt_length - 1, sequence.shape[1] - block_size):
                 block = torch.full((1, block_size), config.mask_token_id, device=sequence.device)
                 block[0, 0] = sequence[0, p]
@@ -207,8 +190,6 @@ def _probe(
                 drafted = out.logits[0].argmax(-1)
                 drafted = drafted if vocab_ids is None else vocab_ids[drafted]
                 hits.append(drafted == sequence[0, p + 1 : p + 1 + block_size])
-    finally:
-        tap.remove()
     if not hits:
         report.warnings.append("probe: the continuations are too short to draft a block.")
         return

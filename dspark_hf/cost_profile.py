@@ -98,9 +98,6 @@ def profile_cost(
     alike; the median over `repeats` is kept, then made non-decreasing in B (a running maximum): verifying
     one more token never really costs less, and a noisy dip would make the scheduler verify useless drafts.
     """
-    from transformers import DynamicCache
-    from transformers import __version__ as transformers_version
-
     if max_tokens < 1 or context_length < 1 or repeats < 1 or warmup < 0:
         raise ValueError("max_tokens, context_length and repeats must be >= 1 and warmup >= 0.")
     config = target.config
@@ -110,8 +107,6 @@ def profile_cost(
             f"context_length + max_tokens = {context_length + max_tokens} exceeds the target's "
             f"max_position_embeddings ({max_positions})."
         )
-    # transformers 5.24 renamed the forward's `past_key_values` to `cache`; support both spellings.
-    cache_kwarg = "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
     device = next(target.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     vocab_size = config.get_text_config().vocab_size
@@ -121,23 +116,7 @@ def profile_cost(
     was_training = target.training
     target.eval()
     try:
-        cache = DynamicCache(config=config)
-        target(context, use_cache=True, **{cache_kwarg: cache})
-        timings: list[list[float]] = [[] for _ in range(max_tokens)]
-        total = (warmup + repeats) * max_tokens
-        with tqdm(total=total, desc="profiling target", disable=not show_progress) as progress:
-            for repeat in range(warmup + repeats):
-                for num_tokens in range(1, max_tokens + 1):
-                    _synchronize(device)
-                    start = time.perf_counter()
-                    target(new_tokens[:, :num_tokens], use_cache=True, **{cache_kwarg: cache})
-                    _synchronize(device)
-                    elapsed = time.perf_counter() - start
-                    # A negative argument removes that many tokens in every transformers version we support.
-                    cache.crop(-num_tokens)
-                    if repeat >= warmup:
-                        timings[num_tokens - 1].append(elapsed)
-                    progress.update()
+        timings = _time_forwards(target, context, new_tokens, warmup, repeats, show_progress)
     finally:
         target.train(was_training)
 
@@ -145,19 +124,63 @@ def profile_cost(
     for samples in timings:
         running_max = max(running_max, statistics.median(samples))
         seconds.append(running_max)
-    # No host name: the profile is stored in the drafter's config, which may be published.
-    metadata = {
+    metadata = _profile_metadata(target, warmup, repeats)
+    return CostProfile(seconds_per_step=seconds, context_length=context_length, metadata=metadata)
+
+
+def _time_forwards(
+    target: torch.nn.Module,
+    context: torch.Tensor,
+    new_tokens: torch.Tensor,
+    warmup: int,
+    repeats: int,
+    show_progress: bool,
+) -> list[list[float]]:
+    """Per token count B = 1..len(new_tokens), the `repeats` timings of a forward over B new tokens on the
+    cache of `context` (after `warmup` untimed rounds), token counts interleaved within each round."""
+    from transformers import DynamicCache
+
+    # transformers 5.24 renamed the forward's `past_key_values` to `cache`; support both spellings.
+    cache_kwarg = "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
+    device, max_tokens = context.device, new_tokens.shape[1]
+    cache = DynamicCache(config=target.config)
+    target(context, use_cache=True, **{cache_kwarg: cache})
+    timings: list[list[float]] = [[] for _ in range(max_tokens)]
+    with tqdm(
+        total=(warmup + repeats) * max_tokens, desc="profiling target", disable=not show_progress
+    ) as bar:
+        for repeat in range(warmup + repeats):
+            for num_tokens in range(1, max_tokens + 1):
+                _synchronize(device)
+                start = time.perf_counter()
+                target(new_tokens[:, :num_tokens], use_cache=True, **{cache_kwarg: cache})
+                _synchronize(device)
+                elapsed = time.perf_counter() - start
+                # A negative argument removes that many tokens in every transformers version we support.
+                cache.crop(-num_tokens)
+                if repeat >= warmup:
+                    timings[num_tokens - 1].append(elapsed)
+                bar.update()
+    return timings
+
+
+def _profile_metadata(target: torch.nn.Module, warmup: int, repeats: int) -> dict[str, Any]:
+    """Where and how a profile was measured. No host name: the profile is stored in the drafter's config,
+    which may be published."""
+    from transformers import __version__ as transformers_version
+
+    parameter = next(target.parameters())
+    return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "dtype": str(next(target.parameters()).dtype).removeprefix("torch."),
-        "model": getattr(config, "name_or_path", "") or config.model_type,
+        "device": str(parameter.device),
+        "dtype": str(parameter.dtype).removeprefix("torch."),
+        "model": getattr(target.config, "name_or_path", "") or target.config.model_type,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "warmup": warmup,
         "repeats": repeats,
         "torch": torch.__version__,
         "transformers": transformers_version,
     }
-    return CostProfile(seconds_per_step=seconds, context_length=context_length, metadata=metadata)

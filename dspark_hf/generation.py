@@ -17,30 +17,29 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-import transformers
-from packaging.version import Version
-from torch import nn
 from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList
 from transformers.utils import logging
 
-from .calibration import CalibrationRound, apply_temperatures
+from .calibration import apply_temperatures
+from .context_cache import DSparkContextCache
 from .cost_profile import CostProfile
 from .schedulers import CausalPrefixScheduler
-
-if TYPE_CHECKING:
-    from .modeling_dspark import DSparkContextCache
+from .target_tap import (
+    MAX_TRANSFORMERS_VERSION,
+    MIN_TRANSFORMERS_VERSION,
+    DSparkGenerationStats,
+    RoundLog,
+    TargetTap,
+    check_target_compatibility,
+    check_transformers_version,
+)
 
 logger = logging.get_logger(__name__)
 
-# The versions whose `AssistedCandidateGenerator` / `_assisted_decoding` this module was verified against: the
-# assistant's returned cache field is `past_key_values` in 5.23 and `cache` in 5.24 (both left as None here).
-MIN_TRANSFORMERS_VERSION = "5.23"
-MAX_TRANSFORMERS_VERSION = "5.25"  # exclusive
 # The options on `drafter.generation_config` that decide how many drafts a round offers and what it records.
 VERIFICATION_OPTIONS = (
     "confidence_threshold",
@@ -49,212 +48,6 @@ VERIFICATION_OPTIONS = (
     "num_assistant_tokens",
     "num_assistant_tokens_schedule",
 )
-
-
-def check_transformers_version(version: str | None = None) -> None:
-    """Raise a RuntimeError when transformers `version` (default: the installed one) is outside the verified
-    range."""
-    version = transformers.__version__ if version is None else version
-    if not Version(MIN_TRANSFORMERS_VERSION) <= Version(version) < Version(MAX_TRANSFORMERS_VERSION):
-        raise RuntimeError(
-            f"DSpark assisted generation supports transformers>={MIN_TRANSFORMERS_VERSION},"
-            f"<{MAX_TRANSFORMERS_VERSION} (it relies on how their assisted decoding calls the assistant); "
-            f"found transformers {version}. Install a supported version, e.g. "
-            f"pip install 'transformers>={MIN_TRANSFORMERS_VERSION},<{MAX_TRANSFORMERS_VERSION}'."
-        )
-
-
-@dataclass
-class DSparkGenerationStats:
-    """Drafting statistics of the latest `target.generate(..., assistant_model=drafter)` call.
-
-    A verification round is one target forward after its prefill. The prefill forward also verifies a draft,
-    but that one-token draft is made before the target has produced any hidden state, so it is left out.
-
-    rounds: number of verification rounds.
-    drafted: draft tokens proposed per round (0 when the length limit left no room for a draft).
-    accepted: draft tokens accepted per round (the bonus token excluded).
-    tau: mean tokens produced per round, the bonus token included (NaN without rounds).
-    conditional_acceptance: per block position k, accepted / reached, where a round reaches k when it drafted
-        a token at k and accepted every token before it (NaN where never reached).
-    draft_time_s: wall time spent in the drafter, prefill round included.
-    other_time_s: the rest, from the first drafting call to the end of the last target forward.
-    confidence_logits: per round, the raw confidence logits (before `confidence_temperatures`) of the drafted
-        positions, when `drafter.generation_config.record_confidence` was on; None otherwise.
-    """
-
-    rounds: int
-    drafted: list[int]
-    accepted: list[int]
-    tau: float
-    conditional_acceptance: list[float]
-    draft_time_s: float
-    other_time_s: float
-    confidence_logits: list[list[float]] | None = None
-
-    def calibration_rounds(self) -> list[CalibrationRound]:
-        """The recorded rounds as calibration data for `dspark_hf.scheduling.calibrate_sts`, skipping rounds
-        that verified no draft. Record them with the full block verified (no threshold, no scheduling)."""
-        if self.confidence_logits is None:
-            raise ValueError(
-                "No confidence logits were recorded: set "
-                "`drafter.generation_config.record_confidence = True` before generating."
-            )
-        return [
-            CalibrationRound(torch.tensor(logits), accepted)
-            for logits, accepted in zip(self.confidence_logits, self.accepted)
-            if logits
-        ]
-
-
-def _decoder_layers(target: nn.Module) -> nn.ModuleList:
-    decoder = target.get_decoder() if hasattr(target, "get_decoder") else target
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise ValueError(
-            f"Cannot find the decoder layers of {type(target).__name__}: expected `get_decoder().layers` to "
-            "be an nn.ModuleList, as in Llama/Qwen/Mistral-style causal LMs."
-        )
-    return layers
-
-
-def _sequence_cache(kwargs: dict[str, Any]) -> Any:
-    """The cache a causal-LM forward was given (`cache` from transformers 5.24, `past_key_values` before)."""
-    cache = kwargs.get("cache")
-    return kwargs.get("past_key_values") if cache is None else cache
-
-
-class _RoundLog:
-    """Bookkeeping of one target `generate` call, observed from the target's forwards.
-
-    Before every verification forward the target cache holds all committed tokens but the last, so its length
-    gives the committed length; after the last round it is cropped to the final length minus one. The cache is
-    held until `close()` (the next generation or `detach_target`) to read that final length. With
-    `record_confidence`, the confidence logits the drafter leaves in `pending_confidence` are filed under the
-    round whose forward verifies them.
-    """
-
-    def __init__(self, generation_key: object, record_confidence: bool = False):
-        self.generation_key = generation_key
-        self.prefilled = False
-        self.cache = None
-        self.final_length: int | None = None
-        self.committed: list[int] = []
-        self.drafted: list[int] = []
-        self.confidence_logits: list[list[float]] | None = [] if record_confidence else None
-        self.pending_confidence: list[float] = []
-        self.draft_time = 0.0
-        self.start_time = self.end_time = time.perf_counter()
-
-    def on_forward(self, cache: Any, past_length: int, num_inputs: int) -> None:
-        if not self.prefilled:  # the prefill forward of this generation
-            self.prefilled, self.cache = True, cache
-            self.pending_confidence = []
-        elif cache is not None and cache is self.cache:
-            self.committed.append(past_length + 1)
-            self.drafted.append(num_inputs - 1)
-            if self.confidence_logits is not None:
-                self.confidence_logits.append(self.pending_confidence)
-            self.pending_confidence = []
-
-    def on_forward_end(self, cache: Any) -> None:
-        if cache is not None and cache is self.cache:
-            self.end_time = time.perf_counter()
-
-    def close(self) -> None:
-        """Fix the final length and release the target's cache."""
-        if self.cache is not None:
-            self.final_length = self.cache.get_seq_length() + 1
-            self.cache = None
-
-    def stats(self, block_size: int) -> DSparkGenerationStats:
-        final_length = self.final_length if self.cache is None else self.cache.get_seq_length() + 1
-        lengths = self.committed + ([final_length] if self.committed else [])
-        accepted = [end - start - 1 for start, end in zip(lengths, lengths[1:])]
-        rounds = len(accepted)
-        conditional = []
-        for k in range(block_size):
-            reached = sum(d > k and a >= k for d, a in zip(self.drafted, accepted))
-            passed = sum(a > k for a in accepted)
-            conditional.append(passed / reached if reached else math.nan)
-        return DSparkGenerationStats(
-            rounds=rounds,
-            drafted=list(self.drafted),
-            accepted=accepted,
-            tau=(sum(accepted) + rounds) / rounds if rounds else math.nan,
-            conditional_acceptance=conditional,
-            draft_time_s=self.draft_time,
-            other_time_s=max(self.end_time - self.start_time - self.draft_time, 0.0),
-            confidence_logits=None
-            if self.confidence_logits is None
-            else [list(r) for r in self.confidence_logits],
-        )
-
-
-class _TargetTap:
-    """Forward hooks that keep the target's features of its latest forward.
-
-    Layer id i captures the output of decoder layer i (before the final norm), which is HF's
-    `hidden_states[i + 1]` for every layer but the last; -1 captures the input of layer 0, i.e.
-    `hidden_states[0]`.
-    """
-
-    def __init__(self, target: PreTrainedModel, layer_ids: list[int]):
-        layers = _decoder_layers(target)
-        self.features: list[torch.Tensor | None] = [None] * len(layer_ids)
-        self.input_ids: torch.Tensor | None = None
-        self.start = 0  # sequence index of the first captured position
-        self.recording = False
-        self.rounds: _RoundLog | None = None
-        self.handles = [
-            target.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-            target.register_forward_hook(self._after_forward, with_kwargs=True),
-        ]
-        for slot, layer_id in enumerate(layer_ids):
-            if layer_id == -1:
-                hook = layers[0].register_forward_pre_hook(partial(self._store_input, slot), with_kwargs=True)
-            else:
-                hook = layers[layer_id].register_forward_hook(partial(self._store_output, slot))
-            self.handles.append(hook)
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-
-    def clear(self) -> None:
-        self.features = [None] * len(self.features)
-        self.input_ids = None
-
-    @property
-    def length(self) -> int:
-        return 0 if self.features[0] is None else self.features[0].shape[1]
-
-    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = _sequence_cache(kwargs)
-        self.clear()
-        # Only single-sequence forwards over token ids can be rounds of assisted generation (and be checked
-        # against the committed tokens); others are not recorded.
-        self.recording = input_ids is not None and input_ids.shape[0] == 1
-        if not self.recording:
-            return
-        self.input_ids = input_ids
-        self.start = cache.get_seq_length() if cache is not None else 0
-        if self.rounds is not None:
-            self.rounds.on_forward(cache, self.start, input_ids.shape[1])
-
-    def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
-        if self.rounds is not None:
-            self.rounds.on_forward_end(_sequence_cache(kwargs))
-
-    def _store_input(self, slot: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        if self.recording:
-            self.features[slot] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-    def _store_output(self, slot: int, module: nn.Module, args: tuple, output: Any) -> None:
-        if self.recording:
-            self.features[slot] = (output[0] if isinstance(output, tuple) else output).detach()
 
 
 @dataclass
@@ -308,37 +101,18 @@ class DSparkGenerationMixin(GenerationMixin):
     Confidences are calibrated by `config.confidence_temperatures` when set (see `dspark calibrate`).
     """
 
-    _target_tap: _TargetTap | None = None
+    _target_tap: TargetTap | None = None
     _draft_context: _DraftContext | None = None
-    _round_log: _RoundLog | None = None
+    _round_log: RoundLog | None = None
     _drafting_weights_cache: _DraftingWeights | None = None
     _request_vocab_ids: torch.Tensor | None = None
 
     def attach_target(self, target: PreTrainedModel) -> DSparkGenerationMixin:
         """Install the feature hooks on `target` (replacing any previous target) and return the drafter."""
         check_transformers_version()
-        config = self.config
-        text_config = target.config.get_text_config(decoder=True)
-        for field in ("vocab_size", "hidden_size"):
-            if getattr(text_config, field) != getattr(config, field):
-                raise ValueError(
-                    f"{field} mismatch: the drafter has {getattr(config, field)}, the target "
-                    f"({type(target).__name__}) has {getattr(text_config, field)}."
-                )
-        num_layers = len(_decoder_layers(target))
-        out_of_range = [i for i in config.target_layer_ids if not -1 <= i < num_layers]
-        if out_of_range:
-            raise ValueError(
-                f"target_layer_ids {config.target_layer_ids} contain {out_of_range}, outside the target's "
-                f"{num_layers} decoder layers (valid ids: -1 for the embeddings, 0..{num_layers - 1})."
-            )
-        if config.num_target_layers != num_layers:
-            raise ValueError(
-                f"num_target_layers mismatch: the drafter was built for {config.num_target_layers} target "
-                f"layers, the target has {num_layers}."
-            )
+        check_target_compatibility(self, target)
         self.detach_target()
-        self._target_tap = _TargetTap(target, list(config.target_layer_ids))
+        self._target_tap = TargetTap(target, self.config.target_layer_ids)
         return self
 
     def detach_target(self) -> None:
@@ -421,8 +195,35 @@ class DSparkGenerationMixin(GenerationMixin):
             followed by the drafted tokens and whose `scores` hold, per draft token, the exact logits it was
             drawn from (base logits + Markov bias, after the processors). Otherwise the sequences only.
         """
-        tap = self._target_tap
-        if tap is None:
+        self._check_draft_inputs(input_ids, attention_mask)
+        generation_config = self.generation_config if generation_config is None else generation_config
+        threshold, scheduler, record = self._verification_options()
+
+        start_time = time.perf_counter()
+        self._follow_generation(generation_config, input_ids[0], record)
+        block_size = self.config.block_size
+        limit = block_size if max_new_tokens is None else min(max_new_tokens, block_size)
+        sequences, scores = input_ids, ()
+        if limit > 0:
+            sequences, scores = self._draft_block(
+                input_ids,
+                limit,
+                LogitsProcessorList(logits_processor or []),
+                do_sample=bool(generation_config.do_sample),
+                eos_token_id=generation_config.eos_token_id,
+                min_new_tokens=min_new_tokens or 0,
+                threshold=threshold,
+                scheduler=scheduler,
+                record=record,
+            )
+        self._round_log.draft_time += time.perf_counter() - start_time
+        if not generation_config.return_dict_in_generate:
+            return sequences
+        return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores)
+
+    def _check_draft_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """Raise unless the drafter is attached and the input is one unpadded sequence."""
+        if self._target_tap is None:
             raise RuntimeError(
                 "This DSpark drafter is not attached to a target: call `drafter.attach_target(target)` "
                 "before `target.generate(..., assistant_model=drafter)`."
@@ -434,53 +235,47 @@ class DSparkGenerationMixin(GenerationMixin):
             )
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("DSpark drafting does not support padded inputs; pass the unpadded sequence.")
-        generation_config = self.generation_config if generation_config is None else generation_config
-        threshold, scheduler, record = self._verification_options()
 
-        start_time = time.perf_counter()
-        if self._round_log is None or self._round_log.generation_key is not generation_config:
-            # Assisted generation passes the same config object every round, a new copy per `generate` call.
-            if self._round_log is not None:
-                self._round_log.close()
-            self._round_log = _RoundLog(generation_config, record_confidence=record)
-            tap.rounds = self._round_log
-            self._request_vocab_ids = self.draft_vocab_for(input_ids[0])
-        block_size = self.config.block_size
-        limit = block_size if max_new_tokens is None else min(max_new_tokens, block_size)
-        scores: tuple[torch.Tensor, ...] = ()
-        sequences = input_ids
-        if limit > 0:
-            features, positions, complete = self._sync_context(input_ids[0])
-            if not complete and self._round_log.prefilled:
-                logger.warning_once(
-                    "The target's hidden states of some committed positions were never observed (was the "
-                    "target given a pre-filled cache?); drafting one token per round."
-                )
-            num_tokens = limit if complete else 1
-            sequences = input_ids.new_empty(1, input_ids.shape[1] + num_tokens)
-            sequences[:, : input_ids.shape[1]] = input_ids
-            hidden, logits = self._block_forward(input_ids, features, positions)
-            confidence_log = [] if record else None
-            scores = self._pick_block_tokens(
-                sequences,
-                num_tokens,
-                hidden,
-                logits,
-                LogitsProcessorList(logits_processor or []),
-                do_sample=bool(generation_config.do_sample),
-                eos_token_id=generation_config.eos_token_id,
-                min_new_tokens=min_new_tokens or 0,
-                threshold=threshold,
-                scheduler=scheduler,
-                confidence_log=confidence_log,
+    def _follow_generation(
+        self, generation_config: GenerationConfig, sequence: torch.Tensor, record: bool
+    ) -> None:
+        """Open a new round log when this call starts another target `generate`: assisted generation passes
+        the same config object every round, and a new copy per `generate` call."""
+        if self._round_log is not None and self._round_log.generation_key is generation_config:
+            return
+        if self._round_log is not None:
+            self._round_log.close()
+        self._round_log = RoundLog(generation_config, record_confidence=record)
+        self._target_tap.rounds = self._round_log
+        self._request_vocab_ids = self.draft_vocab_for(sequence)
+
+    def _draft_block(
+        self,
+        input_ids: torch.LongTensor,
+        limit: int,
+        logits_processor: LogitsProcessorList,
+        record: bool,
+        **picking: Any,
+    ) -> tuple[torch.LongTensor, tuple[torch.Tensor, ...]]:
+        """`input_ids` followed by up to `limit` draft tokens, and the logits each was drawn from; `picking`
+        are the options of `_pick_block_tokens`. Files the block's confidences with the round log."""
+        features, positions, complete = self._sync_context(input_ids[0])
+        if not complete and self._round_log.prefilled:
+            logger.warning_once(
+                "The target's hidden states of some committed positions were never observed (was the "
+                "target given a pre-filled cache?); drafting one token per round."
             )
-            sequences = sequences[:, : input_ids.shape[1] + len(scores)]
-            if record:
-                self._round_log.pending_confidence = confidence_log
-        self._round_log.draft_time += time.perf_counter() - start_time
-        if not generation_config.return_dict_in_generate:
-            return sequences
-        return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores)
+        num_tokens = limit if complete else 1
+        sequences = input_ids.new_empty(1, input_ids.shape[1] + num_tokens)
+        sequences[:, : input_ids.shape[1]] = input_ids
+        hidden, logits = self._block_forward(input_ids, features, positions)
+        confidence_log = [] if record else None
+        scores = self._pick_block_tokens(
+            sequences, num_tokens, hidden, logits, logits_processor, confidence_log=confidence_log, **picking
+        )
+        if record:
+            self._round_log.pending_confidence = confidence_log
+        return sequences[:, : input_ids.shape[1] + len(scores)], scores
 
     def _verification_options(self) -> tuple[float, CausalPrefixScheduler | None, bool]:
         """The confidence threshold, a fresh scheduler (None when scheduling is off) and whether to record
@@ -516,8 +311,6 @@ class DSparkGenerationMixin(GenerationMixin):
         the positions before the new anchor whose tokens the target committed are valid. The anchor's own
         features enter next round.
         """
-        from .modeling_dspark import DSparkContextCache
-
         tap, context = self._target_tap, self._draft_context
         if context is None:
             context = self._draft_context = _DraftContext(DSparkContextCache(self.config.num_hidden_layers))
@@ -640,8 +433,8 @@ class DSparkGenerationMixin(GenerationMixin):
                     confidence_log.append(confidence_logit.item())
             row = logits[k : k + 1]
             if head is not None:
-                latent, state = head.latent(head.prev_embeddings(prev), hidden_k, state)
-                row = row + latent.float() @ weights.markov_w2
+                bias, state = head.step(prev, hidden_k, state, weights.markov_w2)
+                row = row + bias
             if weights.vocab_ids is not None:
                 full_row = row.new_full((1, self.config.vocab_size), -math.inf)
                 row = full_row.index_copy_(1, weights.vocab_ids, row)
@@ -658,4 +451,11 @@ class DSparkGenerationMixin(GenerationMixin):
         return tuple(scores)
 
 
-__all__ = ["DSparkGenerationMixin", "DSparkGenerationStats", "check_transformers_version"]
+__all__ = [
+    "DSparkGenerationMixin",
+    "DSparkGenerationStats",
+    "VERIFICATION_OPTIONS",
+    "MIN_TRANSFORMERS_VERSION",
+    "MAX_TRANSFORMERS_VERSION",
+    "check_transformers_version",
+]

@@ -45,11 +45,19 @@ class VanillaMarkovHead(nn.Module):
         return F.linear(latent.to(weight.dtype), weight)
 
     def step(
-        self, prev_token_ids: torch.Tensor, hidden_states: torch.Tensor, state: torch.Tensor | None
+        self,
+        prev_token_ids: torch.Tensor,
+        hidden_states: torch.Tensor,
+        state: torch.Tensor | None,
+        projection: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One sequential step: bias [..., V] for the position whose hidden state is given."""
+        """One sequential step: bias [..., V] for the position whose hidden state is given, and the state.
+
+        `projection` [r, K] stands in for W2 (the drafting loop keeps W2 transposed in float32, perhaps
+        restricted to a sub-vocabulary, the layout cheapest for one row); the bias is then float32 [..., K].
+        """
         latent, state = self.latent(self.prev_embeddings(prev_token_ids), hidden_states, state)
-        return self.project(latent), state
+        return (self.project(latent) if projection is None else latent.float() @ projection), state
 
     def forward(
         self,

@@ -166,7 +166,73 @@ def dspark_loss(
     All math runs in (at least) float32. Each term is normalised by the sum of the position weights over the
     valid positions; a batch without valid positions gives zero terms.
     """
-    block_size, width = draft_logits.shape[-2:]
+    block_size = draft_logits.shape[-2]
+    target_probs, target_outside_mass = _target_terms(
+        draft_logits, target_logits, vocab_ids, target_probs, target_outside_mass, chunk_size
+    )
+    _check_position_shapes(
+        draft_logits,
+        labels=labels,
+        loss_mask=loss_mask,
+        confidence_logits=confidence_logits,
+        target_outside_mass=target_outside_mass,
+    )
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    mask = loss_mask.bool()
+    weights = position_weights(block_size, decay_gamma, draft_logits.device) * mask
+    weight_sum = weights.sum()
+    denominator = weight_sum.clamp_min(torch.finfo(torch.float32).tiny)
+
+    ce, l1 = _distribution_terms(
+        draft_logits, target_probs, target_outside_mass, labels.masked_fill(~mask, 0), vocab_ids, chunk_size
+    )
+    ce_loss = (ce * weights).sum() / denominator
+    l1_loss = (l1 * weights).sum() / denominator
+    loss = ce_weight * ce_loss + l1_weight * l1_loss
+
+    token_acceptance = (1.0 - 0.5 * l1.detach()).clamp(0.0, 1.0)
+    confidence_loss = None
+    if confidence_logits is not None:
+        bce = F.binary_cross_entropy_with_logits(
+            confidence_logits.to(token_acceptance.dtype), token_acceptance, reduction="none"
+        )
+        confidence_loss = (bce * weights).sum() / denominator
+        loss = loss + confidence_weight * confidence_loss
+    acceptance, position_count = _acceptance_per_position(token_acceptance, mask)
+    return DSparkLossOutput(
+        loss=loss,
+        ce_loss=ce_loss,
+        l1_loss=l1_loss,
+        confidence_loss=confidence_loss,
+        weight_sum=weight_sum,
+        acceptance=acceptance,
+        position_count=position_count,
+        token_acceptance=token_acceptance,
+    )
+
+
+def _acceptance_per_position(
+    token_acceptance: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean acceptance of each block position over its valid positions [block], and their count [block]."""
+    block_size = mask.shape[-1]
+    flat_mask = mask.reshape(-1, block_size)
+    position_count = flat_mask.sum(0)
+    return (token_acceptance.reshape(-1, block_size) * flat_mask).sum(0) / position_count, position_count
+
+
+def _target_terms(
+    draft_logits: torch.Tensor,
+    target_logits: torch.Tensor | None,
+    vocab_ids: torch.Tensor | None,
+    target_probs: torch.Tensor | None,
+    target_outside_mass: torch.Tensor | None,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's probabilities over the draft logits' ids and its mass outside them, from whichever of
+    `target_logits` / `target_probs` was given, with their shapes checked against `draft_logits`."""
+    width = draft_logits.shape[-1]
     if (target_logits is None) == (target_probs is None):
         raise ValueError("Pass exactly one of target_logits and target_probs.")
     if vocab_ids is not None and vocab_ids.shape != (width,):
@@ -181,71 +247,47 @@ def dspark_loss(
                 f"{tuple(draft_logits.shape)}"
                 + (" over the full vocabulary." if vocab_ids is not None else ".")
             )
-        target_probs, target_outside_mass = target_distribution(target_logits, vocab_ids, chunk_size)
-    elif target_probs.shape != draft_logits.shape:
+        return target_distribution(target_logits, vocab_ids, chunk_size)
+    if target_probs.shape != draft_logits.shape:
         raise ValueError(
             f"target_probs {tuple(target_probs.shape)} must have the shape of draft_logits "
             f"{tuple(draft_logits.shape)}."
         )
     if target_outside_mass is None:
         target_outside_mass = target_probs.new_zeros(target_probs.shape[:-1])
-    per_position = {
-        "labels": labels,
-        "loss_mask": loss_mask,
-        "confidence_logits": confidence_logits,
-        "target_outside_mass": target_outside_mass,
-    }
+    return target_probs, target_outside_mass
+
+
+def _check_position_shapes(draft_logits: torch.Tensor, **per_position: torch.Tensor | None) -> None:
+    """Raise a ValueError unless every given per-position tensor has the draft logits' shape without the
+    vocabulary dimension."""
     for name, tensor in per_position.items():
         if tensor is not None and tensor.shape != draft_logits.shape[:-1]:
             raise ValueError(
                 f"{name} {tuple(tensor.shape)} must have the shape of draft_logits without the vocabulary "
                 f"dimension, {tuple(draft_logits.shape[:-1])}."
             )
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    mask = loss_mask.bool()
-    weights = position_weights(block_size, decay_gamma, draft_logits.device) * mask
-    weight_sum = weights.sum()
-    denominator = weight_sum.clamp_min(torch.finfo(torch.float32).tiny)
 
-    label_index = labels.masked_fill(~mask, 0)
-    if vocab_ids is not None:
-        label_index = draft_index(vocab_ids, label_index)
-    rows_per_chunk = chunk_size or max(1, _CHUNK_ELEMENTS // width)
+
+def _distribution_terms(
+    draft_logits: torch.Tensor,
+    target_probs: torch.Tensor,
+    target_outside_mass: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_ids: torch.Tensor | None,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position cross-entropy and L1 distance [..., block], computed over row chunks."""
+    width = draft_logits.shape[-1]
+    label_index = labels if vocab_ids is None else draft_index(vocab_ids, labels)
     ce, l1 = _ChunkedDistributionTerms.apply(
         draft_logits.reshape(-1, width),
         target_probs.detach().reshape(-1, width),
         target_outside_mass.detach().reshape(-1).float(),
         label_index.reshape(-1),
-        rows_per_chunk,
+        chunk_size or max(1, _CHUNK_ELEMENTS // width),
     )
-    ce, l1 = ce.view(labels.shape), l1.view(labels.shape)
-    ce_loss = (ce * weights).sum() / denominator
-    l1_loss = (l1 * weights).sum() / denominator
-    loss = ce_weight * ce_loss + l1_weight * l1_loss
-
-    token_acceptance = (1.0 - 0.5 * l1.detach()).clamp(0.0, 1.0)
-    confidence_loss = None
-    if confidence_logits is not None:
-        bce = F.binary_cross_entropy_with_logits(
-            confidence_logits.to(token_acceptance.dtype), token_acceptance, reduction="none"
-        )
-        confidence_loss = (bce * weights).sum() / denominator
-        loss = loss + confidence_weight * confidence_loss
-
-    flat_mask = mask.reshape(-1, block_size)
-    position_count = flat_mask.sum(0)
-    acceptance = (token_acceptance.reshape(-1, block_size) * flat_mask).sum(0) / position_count
-    return DSparkLossOutput(
-        loss=loss,
-        ce_loss=ce_loss,
-        l1_loss=l1_loss,
-        confidence_loss=confidence_loss,
-        weight_sum=weight_sum,
-        acceptance=acceptance,
-        position_count=position_count,
-        token_acceptance=token_acceptance,
-    )
+    return ce.view(labels.shape), l1.view(labels.shape)
 
 
 def draft_index(vocab_ids: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

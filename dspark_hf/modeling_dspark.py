@@ -25,9 +25,10 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.utils import ModelOutput, logging
 
 from .configuration_dspark import DSparkConfig
+from .context_cache import DSparkContextCache
 from .generation import DSparkGenerationMixin
 from .heads import ConfidenceHead, build_markov_head
-from .hub import DSparkHubMixin
+from .model_card import DSparkHubMixin
 from .weight_layouts import needs_translation, read_config_dict, write_native_folder
 
 logger = logging.get_logger(__name__)
@@ -60,36 +61,6 @@ def reserved_mask_token_id(tokenizer: PreTrainedTokenizerBase, vocab_size: int) 
         "The tokenizer has no mask token, no unused special token and no spare vocabulary id; pass an "
         "explicit mask_token_id."
     )
-
-
-class DSparkContextCache:
-    """Per-layer keys/values of the projected target context, so each round only pushes new positions.
-
-    Block keys/values are never stored: a block is re-drafted every round, the context only grows.
-    """
-
-    def __init__(self, num_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-
-    def get_seq_length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[-2]
-
-    def extend(
-        self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append context keys/values [B, H, C, D] of one layer; return the full cached context."""
-        if self.keys[layer_idx] is not None:
-            keys = torch.cat([self.keys[layer_idx], keys], dim=-2)
-            values = torch.cat([self.values[layer_idx], values], dim=-2)
-        self.keys[layer_idx], self.values[layer_idx] = keys, values
-        return keys, values
-
-    def crop(self, length: int) -> None:
-        """Keep the first `length` context positions (drop positions the target rejected)."""
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
-            if k is not None:
-                self.keys[i], self.values[i] = k[..., :length, :], v[..., :length, :]
 
 
 @dataclass

@@ -19,7 +19,6 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -31,9 +30,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_peft_available
 
-from .generation import _decoder_layers
-from .hub import write_model_card
 from .loss import DSparkLossOutput, dspark_loss, position_weights, target_distribution
+from .model_card import write_model_card
+from .target_tap import LayerFeatures, check_target_compatibility, expected_tau
 from .time_budget import WallClockBudget
 from .training_args import DSparkTrainingArguments
 
@@ -267,7 +266,7 @@ class DSparkTrainer(Trainer):
         else:
             self.target_model = self.accelerator.prepare_model(target_model, evaluation_mode=True)
         unwrapped_target = self.accelerator.unwrap_model(self.target_model)
-        self._target_layers = _decoder_layers(unwrapped_target)
+        self._unwrapped_target = unwrapped_target
         # The decoder alone: training needs the target's hidden states, not its logits at the last position.
         self._target_decoder = unwrapped_target.get_decoder()
         self._target_lm_head = unwrapped_target.get_output_embeddings()
@@ -365,29 +364,12 @@ class DSparkTrainer(Trainer):
         Feature i is the output of decoder layer i (-1: the embeddings), captured by hooks exactly as at
         generation time; HF's `hidden_states[i + 1]` would put the final norm on the last layer's.
         """
-        layer_ids = self._drafter_config.target_layer_ids
-        captured: dict[int, torch.Tensor] = {}
-
-        def keep_output(layer_id: int, module: nn.Module, args: tuple, output: Any) -> None:
-            captured[layer_id] = output[0] if isinstance(output, tuple) else output
-
-        def keep_embeddings(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            captured[-1] = args[0] if args else kwargs["hidden_states"]
-
-        hooks = [
-            self._target_layers[i].register_forward_hook(partial(keep_output, i)) for i in layer_ids if i >= 0
-        ]
-        if -1 in layer_ids:
-            hooks.append(self._target_layers[0].register_forward_pre_hook(keep_embeddings, with_kwargs=True))
-        try:
+        with LayerFeatures(self._unwrapped_target, self._drafter_config.target_layer_ids) as capture:
             with self.accelerator.autocast():
                 outputs = self._target_decoder(
                     input_ids=input_ids, attention_mask=attention_mask, use_cache=False
                 )
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return torch.cat([captured[i] for i in layer_ids], dim=-1), outputs.last_hidden_state
+        return capture.concatenated(), outputs.last_hidden_state
 
     def _training_vocab(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The ids the drafter is trained to draft over: its draft vocabulary, extended (as at generation)
@@ -520,15 +502,13 @@ class DSparkTrainer(Trainer):
         metrics = {"ce_loss": ce / weight, "l1_loss": l1 / weight}
         if self._drafter_config.enable_confidence_head:
             metrics["confidence_loss"] = confidence / weight
-        tau = survival = 1.0
+        acceptance = []
         for k in range(block_size):
             if counts[k] == 0:
                 break
-            acceptance = float(accepted[k] / counts[k])
-            metrics[f"acceptance_{k + 1}"] = acceptance
-            survival *= acceptance
-            tau += survival
-        metrics["expected_tau"] = tau
+            acceptance.append(float(accepted[k] / counts[k]))
+        metrics.update({f"acceptance_{k + 1}": rate for k, rate in enumerate(acceptance)})
+        metrics["expected_tau"] = expected_tau(acceptance)
         return metrics
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -587,26 +567,6 @@ class DSparkTrainer(Trainer):
                 if k in ("loss", "expected_tau") or k.startswith("acceptance")
             }
         return info
-
-
-def check_target_compatibility(drafter: PreTrainedModel, target: PreTrainedModel) -> None:
-    """Raise a ValueError unless the drafter was built for a target of this vocabulary, width and depth."""
-    config = drafter.config
-    if not hasattr(config, "target_layer_ids"):
-        raise ValueError(f"model must be a DSpark drafter (DSparkForCausalLM), got {type(drafter).__name__}.")
-    target_config = target.config.get_text_config(decoder=True)
-    expected = {
-        "vocab_size": target_config.vocab_size,
-        "hidden_size": target_config.hidden_size,
-        "num_target_layers": target_config.num_hidden_layers,
-    }
-    for field_name, value in expected.items():
-        if getattr(config, field_name) != value:
-            raise ValueError(
-                f"Drafter {field_name}={getattr(config, field_name)} does not match the target's {value}: "
-                "the drafter reads the target's hidden states and shares its vocabulary. Build it with "
-                "`DSparkForCausalLM.from_target(target_model)`."
-            )
 
 
 def check_dataset(dataset: Any, name: str) -> None:

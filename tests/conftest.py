@@ -1,5 +1,12 @@
+"""Shared fixtures and the factories of tiny targets and drafters that the test files build on."""
+
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen3Config, Qwen3ForCausalLM
+
+from dspark_hf import DSparkForCausalLM
+
+TARGET_CLASSES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
 
 
 @pytest.fixture(scope="module")
@@ -9,3 +16,46 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def make_tiny_target(
+    kind: str = "llama",
+    vocab_size: int = 64,
+    hidden_size: int = 32,
+    num_hidden_layers: int = 4,
+    *,
+    seed: int | None = 0,
+    lm_head_scale: float | None = None,
+    **config,
+) -> PreTrainedModel:
+    """A random tiny Llama or Qwen3 target in eval mode, seeded with `seed` (None: the current RNG state).
+
+    4 query and 2 key/value heads, an MLP twice as wide as the model; `config` adds or overrides config
+    fields. `lm_head_scale` multiplies the LM head, for peaked next-token distributions like a trained LM's.
+    """
+    config_class, model_class = TARGET_CLASSES[kind]
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    if kind == "qwen3":
+        fields["head_dim"] = hidden_size // 4
+    if seed is not None:
+        torch.manual_seed(seed)
+    target = model_class(config_class(**{**fields, **config})).eval()
+    if lm_head_scale is not None:
+        with torch.no_grad():
+            target.lm_head.weight.mul_(lm_head_scale)
+    return target
+
+
+def make_tiny_drafter(target: PreTrainedModel, *, seed: int | None = None, **overrides) -> DSparkForCausalLM:
+    """A fresh one-layer drafter for `target` with a rank-8 Markov head; `overrides` go to `from_target`
+    (config fields, `tokenizer`). `seed` seeds its initialisation (None: the current RNG state)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return DSparkForCausalLM.from_target(target, **{"num_hidden_layers": 1, "markov_rank": 8, **overrides})

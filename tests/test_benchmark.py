@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import make_tiny_drafter, make_tiny_target
 
-from dspark_hf import DSparkForCausalLM
 from dspark_hf.benchmarking import ForwardLog, summarize, timed_generate
 from dspark_hf.scheduling import CalibrationRound
 
@@ -41,33 +40,16 @@ def successor_pair():
     """A tiny Llama whose greedy continuation often follows a successor permutation (the embedding scale sets
     how often), and a drafter whose Markov head predicts that permutation: drafts are often, not always,
     accepted."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    target = LlamaForCausalLM(config).eval()
+    target = make_tiny_target(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, bos_token_id=None,
+                              eos_token_id=None)  # fmt: skip
     successor = torch.randperm(VOCAB)
     basis, _ = torch.linalg.qr(torch.randn(HIDDEN, HIDDEN))
     with torch.no_grad():
         target.model.embed_tokens.weight.copy_(basis[:VOCAB] * 0.05)
         target.lm_head.weight.zero_()
         target.lm_head.weight[successor] = basis[:VOCAB] * 2.0
-    drafter = DSparkForCausalLM.from_target(
-        target,
-        num_hidden_layers=1,
-        intermediate_size=2 * HIDDEN,
-        markov_rank=VOCAB,
-        block_size=BLOCK,
-        target_layer_ids=LAYER_IDS,
+    drafter = make_tiny_drafter(
+        target, intermediate_size=2 * HIDDEN, markov_rank=VOCAB, block_size=BLOCK, target_layer_ids=LAYER_IDS
     ).eval()
     with torch.no_grad():
         head = drafter.markov_head

@@ -5,9 +5,10 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import make_tiny_drafter, make_tiny_target
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from dspark_hf import DSparkForCausalLM, check_drafter
 from dspark_hf.check import MIN_FIRST_POSITION_ACCEPTANCE
@@ -32,14 +33,10 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
 
 
-def make_target(vocab_size: int, seed: int = 0, layers: int = 4) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128)  # fmt: skip
-    target = LlamaForCausalLM(config).eval()
+def make_target(vocab_size: int, seed: int = 0, layers: int = 4) -> PreTrainedModel:
+    target = make_tiny_target(vocab_size=vocab_size, num_hidden_layers=layers, seed=seed, lm_head_scale=100,
+                              max_position_embeddings=128)  # fmt: skip
     with torch.no_grad():
-        target.lm_head.weight.mul_(100)  # peaked next-token distributions, like a trained LM's
         for (
             layer
         ) in target.model.layers:  # layers that change the residual stream, so features differ per layer
@@ -65,9 +62,9 @@ def setup(tmp_path_factory):
         answers = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                   max_new_tokens=RESPONSE, min_new_tokens=RESPONSE)  # fmt: skip
     rows = [{"input_ids": row, "loss_mask": [0] * PROMPT + [1] * RESPONSE} for row in answers.tolist()]
-    torch.manual_seed(1)
-    drafter = DSparkForCausalLM.from_target(target, tokenizer=tokenizer, num_hidden_layers=1, markov_rank=8,
-                                            block_size=BLOCK, target_layer_ids=[0, 2])  # fmt: skip
+    drafter = make_tiny_drafter(
+        target, seed=1, tokenizer=tokenizer, block_size=BLOCK, target_layer_ids=[0, 2]
+    )
     assert drafter.config.mask_token_id == tokenizer.convert_tokens_to_ids("<|reserved|>")
     args = DSparkTrainingArguments(
         output_dir=str(tmp_path_factory.mktemp("run")), per_device_train_batch_size=6, max_steps=60,
@@ -140,9 +137,9 @@ def test_frequent_text_token_as_mask_is_a_structural_fault(setup):
 
 def test_untrained_drafter_warns_but_passes(setup, capsys):
     tokenizer, target, _, probe, folder = setup
-    torch.manual_seed(3)
-    untrained = DSparkForCausalLM.from_target(target, tokenizer=tokenizer, num_hidden_layers=1, markov_rank=8,
-                                              block_size=BLOCK, target_layer_ids=[0, 2])  # fmt: skip
+    untrained = make_tiny_drafter(
+        target, seed=3, tokenizer=tokenizer, block_size=BLOCK, target_layer_ids=[0, 2]
+    )
     with torch.no_grad():
         untrained.fc.weight.mul_(0)  # reads nothing of the context: drafts one token whatever the prefix
     report = check_drafter(target, untrained, tokenizer, prompts=probe)

@@ -5,9 +5,9 @@ import sys
 import types
 
 import pytest
-import torch
+from conftest import make_tiny_target
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from dspark_hf.data import (
     build_dataset,
@@ -183,18 +183,15 @@ def test_sharegpt_reader_stops_at_truncated_record(monkeypatch):
 
 
 def test_regeneration_is_resumable(tokenizer, tmp_path):
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    model = make_tiny_target(
         vocab_size=len(tokenizer),
         hidden_size=16,
-        intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(config)
     generated = []
     original_generate = model.generate
 

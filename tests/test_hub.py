@@ -23,13 +23,14 @@ import httpx2
 import pytest
 import torch
 import yaml
+from conftest import make_tiny_drafter, make_tiny_target
 from huggingface_hub import snapshot_download
 from huggingface_hub.utils import _http
 from safetensors.torch import load, load_file, save_file
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
-from transformers import AutoModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModel, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from dspark_hf import DSparkForCausalLM
 from dspark_hf.cli import main
@@ -157,19 +158,9 @@ def target_dir(tmp_path_factory):
         "{% if add_generation_prompt %}<|assistant|>{% endif %}"
     )
     tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=1,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    target = make_tiny_target(hidden_size=64, num_hidden_layers=6, bos_token_id=None, eos_token_id=None,
+                              pad_token_id=1)  # fmt: skip
+    target.save_pretrained(folder)
     return folder
 
 
@@ -177,7 +168,7 @@ def target_dir(tmp_path_factory):
 def drafter(target_dir):
     torch.manual_seed(1)
     target = LlamaForCausalLM.from_pretrained(target_dir)
-    return DSparkForCausalLM.from_target(
+    return make_tiny_drafter(
         target, num_hidden_layers=2, markov_rank=16, block_size=4, target_model_name_or_path=TARGET_ID
     ).eval()
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_drafter, make_tiny_target
 from safetensors.torch import load_file
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     LlamaConfig,
-    LlamaForCausalLM,
     Qwen3Config,
 )
 
@@ -255,17 +255,8 @@ def test_from_target_config(target_config):
 
 
 def test_from_target_copies_frozen_embeddings_and_head():
-    target = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )  # fmt: skip
-    )
-    drafter = DSparkForCausalLM.from_target(target, num_hidden_layers=1, markov_rank=4)
+    target = make_tiny_target()
+    drafter = make_tiny_drafter(target, markov_rank=4)
     assert torch.equal(drafter.embed_tokens.weight, target.model.embed_tokens.weight)
     assert torch.equal(drafter.lm_head.weight, target.lm_head.weight)
     assert not drafter.embed_tokens.weight.requires_grad and not drafter.lm_head.weight.requires_grad

@@ -6,7 +6,7 @@ from fractions import Fraction
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import make_tiny_drafter, make_tiny_target
 
 from dspark_hf.scheduling import (
     CalibrationRound,
@@ -375,17 +375,9 @@ def test_reliability_diagram_writes_png(tmp_path):
 
 
 def test_profile_cost_on_a_tiny_model_and_json_round_trip(tmp_path):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
-    target = LlamaForCausalLM(config).train()
+    target = make_tiny_target(
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64
+    ).train()
     seen = []
 
     def record(module, args, kwargs):
@@ -483,20 +475,17 @@ def test_dspark_calibrate_command(tmp_path, capsys):
 
     torch.manual_seed(0)
     tokenizer = chat_tokenizer(load_prompts("gsm8k", "eval")[-1:] + load_prompts("mt-bench", "eval")[-1:])
-    config = LlamaConfig(
+    target = make_tiny_target(
         vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
+        seed=None,
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=1024,
         eos_token_id=tokenizer.eos_token_id,
     )
-    target = LlamaForCausalLM(config).eval()
     target.save_pretrained(tmp_path / "target")
     tokenizer.save_pretrained(tmp_path / "target")
-    drafter = DSparkForCausalLM.from_target(target, num_hidden_layers=1, markov_rank=16, block_size=4)
+    drafter = make_tiny_drafter(target, markov_rank=16, block_size=4)
     drafter.save_pretrained(tmp_path / "drafter")
     weights = (tmp_path / "drafter" / "model.safetensors").read_bytes()
 

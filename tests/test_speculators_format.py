@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_drafter, make_tiny_target
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from dspark_hf import DSparkConfig, DSparkForCausalLM, export_deepspec, export_speculators
 from dspark_hf.cli import main
@@ -21,11 +22,8 @@ DRAFT_IDS = [0, 3, 17, 40, 63, 90, 127]
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory) -> tuple[LlamaForCausalLM, Path]:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
+def target(tmp_path_factory) -> tuple[PreTrainedModel, Path]:
+    model = make_tiny_target(vocab_size=128, head_dim=8)
     folder = tmp_path_factory.mktemp("target")
     model.save_pretrained(folder)
     return model, folder
@@ -33,9 +31,9 @@ def target(tmp_path_factory) -> tuple[LlamaForCausalLM, Path]:
 
 def make_drafter(target, head="vanilla", confidence=True, draft_ids=None) -> DSparkForCausalLM:
     model, folder = target
-    drafter = DSparkForCausalLM.from_target(
-        model, num_hidden_layers=1, block_size=4, markov_rank=8, markov_head_type=head, mask_token_id=127,
-        target_layer_ids=[-1, 2], enable_confidence_head=confidence, target_model_name_or_path=str(folder),
+    drafter = make_tiny_drafter(
+        model, block_size=4, markov_head_type=head, mask_token_id=127, target_layer_ids=[-1, 2],
+        enable_confidence_head=confidence, target_model_name_or_path=str(folder),
     )  # fmt: skip
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_tiny_drafter, make_tiny_target
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+from transformers import TrainingArguments
 
 from dspark_hf import DSparkForCausalLM
 from dspark_hf.trainer import (
@@ -26,26 +27,14 @@ VOCAB, PROMPT, RESPONSE, BLOCK = 48, 4, 20, 4
 
 
 def make_target(seed=0, vocab_size=VOCAB, hidden_size=32):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    target = LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # peaked next-token distributions, like a trained LM's
-        target.lm_head.weight.mul_(100)
-    return target
+    return make_tiny_target(vocab_size=vocab_size, hidden_size=hidden_size, seed=seed, lm_head_scale=100,
+                            intermediate_size=64, max_position_embeddings=128)  # fmt: skip
 
 
 def make_drafter(target, seed=1, **overrides):
-    torch.manual_seed(seed)
-    settings = {"num_hidden_layers": 1, "markov_rank": 8, "block_size": BLOCK, "target_layer_ids": [0, 2]}
-    return DSparkForCausalLM.from_target(target, **{**settings, **overrides})
+    return make_tiny_drafter(
+        target, seed=seed, **{"block_size": BLOCK, "target_layer_ids": [0, 2], **overrides}
+    )
 
 
 @torch.no_grad()
@@ -172,9 +161,7 @@ def test_target_features_are_decoder_layer_outputs(tmp_path):
     """Feature i = output of decoder layer i (the last layer's before the final norm, as generation captures
     it), -1 = embeddings; plus the final-norm last hidden state."""
     target = make_target()
-    drafter = DSparkForCausalLM.from_target(
-        target, num_hidden_layers=1, markov_rank=8, target_layer_ids=[-1, 1, 3]
-    )
+    drafter = make_tiny_drafter(target, target_layer_ids=[-1, 1, 3])
     rows = make_rows(target, 2)
     trainer = DSparkTrainer(model=drafter, target_model=target, args=make_args(tmp_path), train_dataset=rows)
     batch = DSparkDataCollator(pad_token_id=0)(rows)
@@ -637,7 +624,8 @@ def test_dspark_train_command(tmp_path):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     output = tmp_path / "drafter"
     common = ["--target", str(tmp_path / "target"), "--dataset", str(tmp_path / "rows.jsonl")]
-    common += ["--output-dir", str(output), "--batch-size", "2", "--num-anchors", "4", "--seed", "0"]
+    common += ["--output-dir", str(output), "--per-device-train-batch-size", "2"]
+    common += ["--num-anchors", "4", "--seed", "0"]
     main(["train", *common, "--max-steps", "2", "--num-layers", "1", "--block-size", "3", "--eval-rows", "2"])
     drafter = DSparkForCausalLM.from_pretrained(output)
     assert drafter.config.num_hidden_layers == 1 and drafter.config.block_size == 3

@@ -1,0 +1,282 @@
+"""The train and calibrate workflows behind `dspark train`, `dspark calibrate` and `examples/train_dspark.py`.
+
+Each is a library function over dataclass arguments, so the command line, the example script and notebooks
+run the same code; the command line only parses flags into the dataclasses (with `HfArgumentParser`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from .benchmarking import encode_chat_prompt
+from .calibration import calibrate_sts, format_calibration_table, record_calibration_rounds
+from .convert import detect_layout
+from .cost_profile import profile_cost
+from .data import build_dataset, load_prompts, load_reference_train_rows, read_jsonl, regenerate_responses
+from .heads import MARKOV_HEADS
+from .modeling_dspark import DSparkForCausalLM
+from .reference_target import load_reference_target
+from .trainer import DSparkTrainer
+from .training_args import DSparkTrainingArguments
+
+# The draft layers' projections and `fc`, which maps the target's features; the embedding and LM head are the
+# target's and stay frozen. The confidence head is tiny, so it is trained in full.
+LORA_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "fc"]
+
+
+@dataclass
+class TrainScriptArguments:
+    """What `dspark train` trains on and which drafter it trains; the rest is `DSparkTrainingArguments`."""
+
+    target: str | None = field(
+        default=None,
+        metadata={"help": "Target model folder or Hub id; None: the offline SmolLM2-135M-Instruct target."},
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON-lines chat rows ({'messages': [...]} or {'prompt', 'response'}); required with "
+            "--target. None with the reference target: its vendored training answers.",
+            "aliases": ["--dataset_path"],
+        },
+    )
+    regenerate: bool = field(
+        default=False,
+        metadata={
+            "help": "Answer the rows' first user turns with the target first (drafters learn best on the "
+            "target's own outputs); cached and resumable in OUTPUT_DIR/regenerated.jsonl."
+        },
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "Answer length for --regenerate."})
+    max_length: int = field(default=2048, metadata={"help": "Tokens per training sequence."})
+    eval_rows: int = field(default=0, metadata={"help": "Rows held out to evaluate acceptance at the end."})
+    drafter: str | None = field(
+        default=None, metadata={"help": "Continue from this drafter folder instead of a fresh drafter."}
+    )
+    num_hidden_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Draft layers of a fresh drafter; None: DSparkConfig's.",
+            "aliases": ["--num-layers", "--num_draft_layers"],
+        },
+    )
+    block_size: int | None = field(
+        default=None, metadata={"help": "Tokens drafted per block of a fresh drafter; None: DSparkConfig's."}
+    )
+    markov_rank: int | None = field(
+        default=None,
+        metadata={"help": "Markov head rank of a fresh drafter, 0 for plain DFlash; None: DSparkConfig's."},
+    )
+    markov_head_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "Markov head type of a fresh drafter; None: DSparkConfig's.",
+            "choices": list(MARKOV_HEADS),
+            "aliases": ["--markov-head"],
+        },
+    )
+    lora_r: int = field(
+        default=0, metadata={"help": "Train LoRA adapters of this rank (0: train all weights)."}
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Resume from the last checkpoint in --output_dir (or --resume_from_checkpoint's)."},
+    )
+
+    def __post_init__(self):
+        if self.target is not None and self.dataset is None:
+            raise ValueError("--dataset is required with --target (chat rows answered by that target).")
+        if self.drafter is not None and self.drafter_overrides():
+            raise ValueError(f"{sorted(self.drafter_overrides())} define a new drafter, not --drafter's.")
+
+    def drafter_overrides(self) -> dict[str, Any]:
+        """The `DSparkConfig` fields given for a fresh drafter."""
+        shape = {
+            "num_hidden_layers": self.num_hidden_layers,
+            "block_size": self.block_size,
+            "markov_rank": self.markov_rank,
+            "markov_head_type": self.markov_head_type,
+        }
+        return {name: value for name, value in shape.items() if value is not None}
+
+
+def load_target(name_or_path: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The target in eval mode and its tokenizer; None loads the offline reference target."""
+    if name_or_path is None:
+        return load_reference_target()
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype="auto").eval(), tokenizer
+
+
+def _first_user_turn(row: dict) -> str:
+    if "prompt" in row:
+        return row["prompt"]
+    return next(m["content"] for m in row["messages"] if m["role"] == "user")
+
+
+def training_rows(
+    script_args: TrainScriptArguments,
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    output_dir: str,
+) -> list[dict]:
+    """The chat rows to train on: the dataset's (the reference answers by default), answered anew by the
+    target with `regenerate`."""
+    if script_args.dataset is None:
+        rows = load_reference_train_rows()
+    else:
+        rows = read_jsonl(Path(script_args.dataset))
+    if not script_args.regenerate:
+        return rows
+    return regenerate_responses(
+        [_first_user_turn(row) for row in rows],
+        target,
+        tokenizer,
+        Path(output_dir) / "regenerated.jsonl",
+        max_new_tokens=script_args.max_new_tokens,
+    )
+
+
+def make_drafter(
+    script_args: TrainScriptArguments, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+) -> DSparkForCausalLM:
+    """`script_args.drafter` loaded, or a fresh drafter for `target` of the given shape."""
+    if script_args.drafter is None:
+        return DSparkForCausalLM.from_target(target, tokenizer=tokenizer, **script_args.drafter_overrides())
+    return DSparkForCausalLM.from_pretrained(script_args.drafter)
+
+
+def lora_config(rank: int) -> Any:
+    """The PEFT LoRA config of `rank` over the draft layers and `fc` (None for rank 0: full training)."""
+    if not rank:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=LORA_TARGET_MODULES,
+        modules_to_save=["confidence_head"],
+        task_type=None,
+    )
+
+
+def train_drafter(
+    script_args: TrainScriptArguments, training_args: DSparkTrainingArguments
+) -> dict[str, float]:
+    """Train a drafter as `dspark train` does, save it to `training_args.output_dir`, and return the held-out
+    metrics (empty without `eval_rows`). Raises a ValueError on unusable arguments or data."""
+    target, tokenizer = load_target(script_args.target)
+    rows = training_rows(script_args, target, tokenizer, training_args.output_dir)
+    dataset = build_dataset(rows, tokenizer, max_length=script_args.max_length)
+    eval_dataset = None
+    if script_args.eval_rows:
+        split = dataset.train_test_split(test_size=script_args.eval_rows, seed=training_args.seed)
+        dataset, eval_dataset = split["train"], split["test"]
+    trainer = DSparkTrainer(
+        model=make_drafter(script_args, target, tokenizer),
+        target_model=target,
+        args=training_args,
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(script_args.lora_r),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or script_args.resume or None)
+    trainer.save_model()
+    return trainer.evaluate() if eval_dataset is not None else {}
+
+
+@dataclass
+class CalibrationReport:
+    """What `calibrate_drafter` did, for the command line to print."""
+
+    table: str
+    rounds: int
+    saved_config: Path
+    seconds_per_step: list[float] | None = None
+
+
+def calibration_prompts(prompts_per_set: int) -> list[str]:
+    """The last rows of each eval set: the quickstart and the benchmarks evaluate on the first ones."""
+    if prompts_per_set < 1:
+        raise ValueError("--prompts-per-set must be >= 1.")
+    return [text for name in ("gsm8k", "mt-bench") for text in load_prompts(name, "eval")[-prompts_per_set:]]
+
+
+def _calibration_output(drafter: str, output_dir: str | None) -> tuple[Path, bool]:
+    """Where the calibrated drafter goes, and whether that is the drafter's own folder (native only)."""
+    output = Path(output_dir or drafter)
+    in_place = output.resolve() == Path(drafter).resolve()
+    layout = detect_layout(drafter)
+    if in_place and layout != "native":
+        raise ValueError(
+            f"the drafter folder is in the {layout} layout, which the calibration would overwrite with a "
+            "native config; pass --output-dir to save a native copy."
+        )
+    return output, in_place
+
+
+def calibrate_drafter(
+    drafter_path: str,
+    target: str | None = None,
+    *,
+    prompts_per_set: int = 8,
+    max_new_tokens: int = 128,
+    do_sample: bool = False,
+    profile_target_cost: bool = False,
+    profile_context_length: int = 256,
+    output_dir: str | None = None,
+    seed: int = 0,
+) -> CalibrationReport:
+    """Fit the confidence temperatures of the drafter at `drafter_path` on held-out prompts (full blocks
+    verified), optionally profile the target's cost, and save the config (in place unless `output_dir`).
+    Raises a ValueError on unusable arguments or too few rounds."""
+    output, in_place = _calibration_output(drafter_path, output_dir)
+    prompts = calibration_prompts(prompts_per_set)
+    target_model, tokenizer = load_target(target)
+    drafter = DSparkForCausalLM.from_pretrained(drafter_path).eval()
+    drafter.attach_target(target_model)
+    rounds = record_calibration_rounds(
+        target_model,
+        drafter,
+        [encode_chat_prompt(tokenizer, prompt) for prompt in prompts],
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        seed=seed,
+    )
+    drafter.detach_target()
+    temperatures = calibrate_sts(rounds, num_positions=drafter.config.block_size)
+    drafter.config.confidence_temperatures = temperatures
+    table = format_calibration_table(rounds, temperatures)
+    report = CalibrationReport(table, len(rounds), output / "config.json")
+    if profile_target_cost:
+        profile = profile_cost(
+            target_model, max_tokens=drafter.config.block_size + 1, context_length=profile_context_length
+        )
+        drafter.set_cost_profile(profile)
+        report.seconds_per_step = list(profile.seconds_per_step)
+    if in_place:  # the weights did not change; rewriting them would replace the files they are mapped from
+        drafter.config.save_pretrained(output)
+    else:
+        drafter.save_pretrained(output)
+    return report
+
+
+__all__ = [
+    "TrainScriptArguments",
+    "LORA_TARGET_MODULES",
+    "load_target",
+    "training_rows",
+    "make_drafter",
+    "lora_config",
+    "train_drafter",
+    "CalibrationReport",
+    "calibration_prompts",
+    "calibrate_drafter",
+]
