@@ -42,6 +42,8 @@ VARIANTS: dict[str, dict] = {
     "anchors_256": {"num_anchors": 256},
     "block_4": {"block_size": 4},
     "bf16": {"bf16": True},
+    # the two winners of the single changes together
+    "markov_lr_x10_bf16": {"markov_head_lr_multiplier": 10.0, "bf16": True},
     "dflash_recipe": {"recipe": "dflash"},
     "dflash_same_recipe": {"recipe": "dflash_same_recipe"},
 }
