@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,34 +38,58 @@ class QuickstartOptions:
     """Defaults sized so that the whole job finishes within about 20 minutes on 2 CPU cores; the recipe
     defaults follow the equal-budget ablation in benchmarks/README.md."""
 
-    output_dir: str = "outputs/quickstart"
-    # what the drafter is and how it learns (dspark_hf.recipes: dspark, dflash, dflash_same_recipe)
-    recipe: str = "dspark"
-    num_hidden_layers: int = 2
-    block_size: int = 7
-    markov_rank: int = 128
-    markov_head_type: str = "vanilla"
-    # drafting (and training) over the top ids of the broad-corpus token ranking plus each prompt's tokens
-    # (0: the full vocabulary)
-    draft_vocab_size: int = 16384
-    # training: a wall-clock budget that the learning rate anneals over; max_steps only caps it
-    max_train_minutes: float = 12.0
-    max_steps: int = 100_000
-    learning_rate: float = 6e-4
-    num_anchors: int = 64
-    ce_warmup_fraction: float = 0.0
-    markov_head_lr_multiplier: float = 10.0
-    confidence_detach_backbone: bool = False
-    # train against a bfloat16 copy of the target, the drafter under bfloat16 autocast (float32 weights)
-    bf16: bool = False
-    max_length: int = 384
-    per_device_train_batch_size: int = 1
-    gradient_accumulation_steps: int = 2
-    # evaluation
-    eval_prompts_per_set: int = 3
-    max_new_tokens: int = 96
-    seed: int = 0
-    threads: int = 0  # torch CPU threads; 0 uses every core
+    output_dir: str = field(
+        default="outputs/quickstart", metadata={"help": "Where the drafter and results.json land."}
+    )
+    recipe: str = field(
+        default="dspark",
+        metadata={
+            "help": "What the drafter is and how it learns (dspark_hf.recipes): dspark, dflash, "
+            "dflash_same_recipe."
+        },
+    )
+    num_hidden_layers: int = field(default=2, metadata={"help": "Drafter decoder layers."})
+    block_size: int = field(default=7, metadata={"help": "Tokens drafted per block."})
+    markov_rank: int = field(default=128, metadata={"help": "Rank of the Markov head (0: none)."})
+    markov_head_type: str = field(default="vanilla", metadata={"help": "vanilla, gated or rnn."})
+    draft_vocab_size: int = field(
+        default=16384,
+        metadata={
+            "help": "Draft (and train) over this many top ids of the broad-corpus token ranking plus "
+            "each prompt's tokens (0: the full vocabulary)."
+        },
+    )
+    max_train_minutes: float = field(
+        default=12.0, metadata={"help": "Training budget; the learning rate anneals over it."}
+    )
+    max_steps: int = field(default=100_000, metadata={"help": "Step cap (the budget normally ends first)."})
+    learning_rate: float = field(default=6e-4, metadata={"help": "Peak learning rate."})
+    num_anchors: int = field(default=64, metadata={"help": "Blocks supervised per training sequence."})
+    ce_warmup_fraction: float = field(
+        default=0.0, metadata={"help": "Share of the budget trained on cross-entropy only, first."}
+    )
+    markov_head_lr_multiplier: float = field(
+        default=10.0, metadata={"help": "Learning rate of the Markov head relative to the rest."}
+    )
+    confidence_detach_backbone: bool = field(
+        default=False, metadata={"help": "Keep the confidence loss from reaching the backbone."}
+    )
+    bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "Train against a bfloat16 copy of the target, the drafter under bfloat16 "
+            "autocast (float32 weights)."
+        },
+    )
+    max_length: int = field(default=384, metadata={"help": "Tokens per training sequence."})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "Sequences per micro-batch."})
+    gradient_accumulation_steps: int = field(default=2, metadata={"help": "Micro-batches per step."})
+    eval_prompts_per_set: int = field(
+        default=3, metadata={"help": "Held-out prompts per dataset (GSM8K, MT-Bench, HumanEval)."}
+    )
+    max_new_tokens: int = field(default=96, metadata={"help": "New tokens per evaluation prompt."})
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and sampling."})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: every core)."})
 
 
 def training_data_description() -> str:
