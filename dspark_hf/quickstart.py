@@ -75,7 +75,7 @@ class QuickstartOptions:
         default=False, metadata={"help": "Keep the confidence loss from reaching the backbone."}
     )
     bf16: bool = field(
-        default=False,
+        default=True,
         metadata={
             "help": "Train against a bfloat16 copy of the target, the drafter under bfloat16 "
             "autocast (float32 weights)."
