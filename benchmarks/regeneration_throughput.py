@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
+import re
 import sys
 import tempfile
 import time
@@ -22,6 +24,7 @@ from pathlib import Path
 import torch
 
 from dspark_hf.data import load_onpolicy_rows, regenerate_responses
+from dspark_hf.onpolicy import cpu_has_native_bf16
 from dspark_hf.reference_target import load_reference_target
 
 
@@ -43,6 +46,30 @@ def measure(model, tokenizer, prompts: list[str], batch_size: int, max_new_token
     return len(prompts) * max_new_tokens / seconds
 
 
+def cpu_description() -> dict:
+    """CPU model and whether it multiplies bfloat16 natively: the dtype ranking depends on it."""
+    model_names = re.findall(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+    return {
+        "model": model_names[0] if model_names else platform.processor(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_native_bf16(),
+    }
+
+
+def write_results(args: argparse.Namespace, runs: list[dict]) -> None:
+    """Rewrite the results file after every configuration, so a stopped run keeps what it measured."""
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    results = {
+        "command": " ".join(["python", *sys.argv]),
+        "max_new_tokens": args.max_new_tokens,
+        "threads": args.threads,
+        "cpu": cpu_description(),
+        "load_average": os.getloadavg(),
+        "runs": runs,
+    }
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -58,12 +85,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_reference_target()
+    # One copy per dtype: casting one model back and forth would round the float32 weights.
+    models = {dtype: load_reference_target(dtype=getattr(torch, dtype)) for dtype in args.dtypes}
     prompts = [row["prompt"] for row in load_onpolicy_rows()[: args.prompts]]
     runs = []
     for batch_size in args.batch_sizes:
         for dtype in args.dtypes:
-            model.to(getattr(torch, dtype))
+            model, tokenizer = models[dtype]
             subset = prompts[: args.one_by_one_prompts] if batch_size == 1 else prompts
             # One small untimed batch first, so one-off allocations are not timed.
             measure(model, tokenizer, subset[:batch_size], batch_size, 8)
@@ -77,20 +105,7 @@ def main() -> None:
                 }
             )
             print(json.dumps(runs[-1]), flush=True)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(
-        json.dumps(
-            {
-                "command": " ".join(["python", *sys.argv]),
-                "max_new_tokens": args.max_new_tokens,
-                "threads": args.threads,
-                "load_average": os.getloadavg(),
-                "runs": runs,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+            write_results(args, runs)
 
 
 if __name__ == "__main__":

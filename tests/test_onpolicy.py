@@ -1,14 +1,22 @@
 import json
 
 import pytest
+import torch
 
+from dspark_hf import onpolicy
 from dspark_hf.data import (
     load_onpolicy_rows,
     load_reference_train_rows,
     read_jsonl_gz,
     reference_training_rows,
 )
-from dspark_hf.onpolicy import _CODE_PATTERN, evaluation_prompts, find_leaks, vendor_answers
+from dspark_hf.onpolicy import (
+    _CODE_PATTERN,
+    evaluation_prompts,
+    find_leaks,
+    generation_dtype,
+    vendor_answers,
+)
 
 EVAL = [
     "Write a function that returns the sum of two numbers.",
@@ -76,3 +84,16 @@ def test_vendoring_drops_held_out_and_leaked_prompts_and_is_byte_stable(tmp_path
         "dropped": 2,
     }
     assert (tmp_path / "a.jsonl.gz").read_bytes() == (tmp_path / "b.jsonl.gz").read_bytes()
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch, native, expected):
+    monkeypatch.setattr(onpolicy, "cpu_has_native_bf16", lambda: native)
+    assert generation_dtype("auto") == expected
+    assert generation_dtype("float32") == torch.float32
+    assert generation_dtype("bfloat16") == torch.bfloat16
+
+
+def test_an_unknown_dtype_name_is_refused():
+    with pytest.raises(ValueError, match="float16"):
+        generation_dtype("float16")
