@@ -4,7 +4,6 @@ draft's expected return against this cost."""
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
@@ -18,6 +17,8 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from .target_tap import cache_keyword
 
 
 @dataclass
@@ -140,8 +141,7 @@ def _time_forwards(
     cache of `context` (after `warmup` untimed rounds), token counts interleaved within each round."""
     from transformers import DynamicCache
 
-    # transformers 5.24 renamed the forward's `past_key_values` to `cache`; support both spellings.
-    cache_kwarg = "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
+    cache_kwarg = cache_keyword(target)
     device, max_tokens = context.device, new_tokens.shape[1]
     cache = DynamicCache(config=target.config)
     target(context, use_cache=True, **{cache_kwarg: cache})

@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from .batched_decoding import decode_shrinking_batch
+
 RESOURCES: Traversable = resources.files("dspark_hf") / "resources"
 REFERENCE_TRAIN_FILE = "smollm2_train.jsonl"
 # The reference target's answers (<= 512 new tokens, greedy and sampled) to further training prompts, and
@@ -289,8 +291,8 @@ def regenerate_responses(
     do_sample: bool = False,
     temperature: float | None = None,
     top_p: float | None = None,
+    min_new_tokens: int = 0,
     show_progress: bool = True,
-    **generate_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Answer ``prompts`` with ``model`` and append ``{"prompt", "response", "truncated", "sampling"}`` to a
     jsonl cache.
@@ -298,17 +300,14 @@ def regenerate_responses(
     Prompts already answered in ``output_path`` with the same decoding (``sampling``: ``"greedy"`` or
     ``"temperature=T,top_p=P"``) are skipped, so an interrupted run resumes where it stopped, and one file
     can hold a greedy and a sampled answer per prompt. Pending prompts are batched by length (left padding)
-    to waste little compute on padding; each batch is flushed to disk as soon as it finishes, and the
-    progress bar shows generated tokens per second. ``truncated`` marks answers cut off at
+    to waste little compute on padding, and each answer leaves its batch as soon as it ends
+    (:func:`~dspark_hf.batched_decoding.decode_shrinking_batch`); each batch is flushed to disk as soon as it
+    finishes, and the progress bar shows generated tokens per second. ``truncated`` marks answers cut off at
     ``max_new_tokens``. Returns the records for ``prompts``, in order.
     """
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     label = sampling_label(do_sample, temperature, top_p)
-    if do_sample:
-        generate_kwargs.update(
-            {k: v for k, v in {"temperature": temperature, "top_p": top_p}.items() if v is not None}
-        )
     done = _load_cache(output_path)
     # Deduplicated in input order, then stably sorted so batch composition is reproducible.
     pending = sorted(dict.fromkeys(p for p in prompts if (p, label) not in done), key=len, reverse=True)
@@ -320,7 +319,6 @@ def regenerate_responses(
     if eos_token_id is None:
         eos_token_id = tokenizer.eos_token_id
     eos_ids = set(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
     model.eval()
@@ -337,15 +335,18 @@ def regenerate_responses(
                 inputs = tokenizer(
                     [texts[p] for p in batch], return_tensors="pt", padding=True, add_special_tokens=False
                 ).to(model.device)
-                outputs = model.generate(
-                    **inputs,
+                answers = decode_shrinking_batch(
+                    model,
+                    inputs["input_ids"],
+                    inputs["attention_mask"],
                     max_new_tokens=max_new_tokens,
+                    eos_token_ids=eos_ids,
                     do_sample=do_sample,
-                    pad_token_id=pad_token_id,
-                    eos_token_id=list(eos_ids),
-                    **generate_kwargs,
+                    temperature=temperature,
+                    top_p=top_p,
+                    min_new_tokens=min_new_tokens,
                 )
-                for prompt, new_tokens in zip(batch, outputs[:, inputs["input_ids"].shape[1] :].tolist()):
+                for prompt, new_tokens in zip(batch, answers):
                     stop = next((j for j, t in enumerate(new_tokens) if t in eos_ids), None)
                     generated += len(new_tokens) if stop is None else stop + 1
                     record = {

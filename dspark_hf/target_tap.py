@@ -9,6 +9,7 @@ the accounting of verification rounds (tau, conditional acceptance) shared by ge
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Sequence
@@ -59,6 +60,11 @@ def sequence_cache(kwargs: dict[str, Any]) -> Any:
     """The cache a causal-LM forward was given (`cache` from transformers 5.24, `past_key_values` before)."""
     cache = kwargs.get("cache")
     return kwargs.get("past_key_values") if cache is None else cache
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The forward's name for the KV cache: transformers 5.24 renamed ``past_key_values`` to ``cache``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def target_compatibility_faults(config: PreTrainedConfig, target: PreTrainedModel) -> list[str]:

@@ -9,6 +9,7 @@ from conftest import make_tiny_target
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from dspark_hf import data
 from dspark_hf.data import (
     build_dataset,
     iter_sharegpt_records,
@@ -182,7 +183,7 @@ def test_sharegpt_reader_stops_at_truncated_record(monkeypatch):
     assert list(iter_sharegpt_records(chunk_chars=16)) == records[:4]
 
 
-def test_regeneration_is_resumable(tokenizer, tmp_path):
+def test_regeneration_is_resumable(tokenizer, tmp_path, monkeypatch):
     model = make_tiny_target(
         vocab_size=len(tokenizer),
         hidden_size=16,
@@ -193,13 +194,13 @@ def test_regeneration_is_resumable(tokenizer, tmp_path):
         pad_token_id=tokenizer.pad_token_id,
     )
     generated = []
-    original_generate = model.generate
+    original_decode = data.decode_shrinking_batch
 
-    def counting_generate(**kwargs):
-        generated.append(kwargs["input_ids"].shape[0])
-        return original_generate(**kwargs)
+    def counting_decode(model, input_ids, *args, **kwargs):
+        generated.append(input_ids.shape[0])
+        return original_decode(model, input_ids, *args, **kwargs)
 
-    model.generate = counting_generate
+    monkeypatch.setattr(data, "decode_shrinking_batch", counting_decode)
     output = tmp_path / "cache" / "responses.jsonl"
     prompts = ["hello", "What is 2 + 2?", "how are you?", "Bye!", "I am fine."]
 
