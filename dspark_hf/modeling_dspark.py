@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -282,8 +283,20 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         else:
             loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
             model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        model._own_loaded_tensors()
         model.freeze_target_copies()
         return loaded
+
+    def _own_loaded_tensors(self) -> None:
+        """Replace tensors that view the memory-mapped checkpoint file by owned, aligned copies.
+
+        transformers leaves loaded weights inside the mapped file, at whatever byte offset the file gives
+        them; BLAS kernels take other code paths (and round differently) for unaligned operands, so a
+        reloaded drafter would not compute bit-identically to the one that was saved.
+        """
+        with torch.no_grad():
+            for tensor in itertools.chain(self.parameters(), self.buffers()):
+                tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
 
     def set_draft_vocab(self, token_ids: torch.Tensor | list[int] | None) -> None:
         """Restrict drafting to `token_ids` (e.g. from `frequency_ranked_vocab`), or lift it with None."""
