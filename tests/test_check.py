@@ -51,9 +51,8 @@ def prompts(vocab_size: int, count: int, seed: int = 2) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, single_thread):
     """A tokenizer, its target, a drafter trained on the target's greedy answers to the probe prompts."""
-    torch.set_num_threads(1)
     tokenizer = make_tokenizer()
     target = make_target(len(tokenizer))
     probe = prompts(len(tokenizer), 6)
