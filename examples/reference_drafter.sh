@@ -6,14 +6,14 @@
 # side by side, one CPU thread each. Every budget trains a fresh drafter whose learning rate anneals to that
 # budget's end, then evaluates it on held-out prompts (5 per dataset x 64 new tokens, greedy).
 #
-#   bash examples/reference_drafter.sh                         # budgets 5 10 20 30: ~85 min, then the
-#                                                              # benchmark of the 30-minute drafters (~35 min)
+#   bash examples/reference_drafter.sh                         # budgets 2.5 5 10 20: ~75 min, then the
+#                                                              # benchmark of the 20-minute drafters (~40 min)
 #   bash examples/reference_drafter.sh --max-train-minutes 20  # one point of the curve (~25 min)
 #
 # A finished budget (its results.json exists) is not retrained, so an interrupted run resumes.
 set -euo pipefail
 
-budgets=(5 10 20 30)
+budgets=(2.5 5 10 20)
 benchmark=1
 while [[ $# -gt 0 ]]; do
     case "$1" in
