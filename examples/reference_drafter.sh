@@ -6,9 +6,10 @@
 # side by side, one CPU thread each. Every budget trains a fresh drafter whose learning rate anneals to that
 # budget's end, then evaluates it on held-out prompts (5 per dataset x 64 new tokens, greedy).
 #
-#   bash examples/reference_drafter.sh                         # budgets 2.5 5 10 20: ~75 min, then the
-#                                                              # benchmark of the 20-minute drafters (~40 min)
-#   bash examples/reference_drafter.sh --max-train-minutes 20  # one point of the curve (~25 min)
+#   bash examples/reference_drafter.sh                         # budgets 2.5 5 10 20: ~75 min, then
+#                                                              # calibration (~4 min) and the benchmark of
+#                                                              # the 20-minute drafters (40-75 min)
+#   bash examples/reference_drafter.sh --max-train-minutes 20  # one point of the curve (~30 min)
 #
 # A finished budget (its results.json exists) is not retrained, so an interrupted run resumes.
 set -euo pipefail
@@ -40,8 +41,9 @@ python benchmarks/scaling_curve.py --runs "$runs"
 [[ $benchmark == 1 ]] || exit 0
 
 largest="${budgets[-1]}"
-# Confidence temperatures (STS) and the target's cost profile for confidence scheduling (~30 s).
-dspark calibrate "$runs/dspark-${largest}min/drafter" --prompts-per-set 3 --max-new-tokens 64 --profile-cost
+# Confidence temperatures (STS; 8 GSM8K + 8 MT-Bench prompts that the benchmark does not use, 128 tokens
+# each) and the target's cost profile for confidence scheduling.
+dspark calibrate "$runs/dspark-${largest}min/drafter" --profile-cost
 
 # Side-by-side benchmark, interleaved prompt by prompt, against plain fp32 / bf16 and prompt lookup.
 python benchmarks/run_benchmark.py --drafter "$runs/dspark-${largest}min/drafter" \
