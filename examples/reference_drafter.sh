@@ -7,8 +7,8 @@
 # budget's end, then evaluates it on held-out prompts (5 per dataset x 64 new tokens, greedy).
 #
 #   bash examples/reference_drafter.sh                         # budgets 2.5 5 10 20: ~75 min, then
-#                                                              # calibration (~4 min) and the benchmark of
-#                                                              # the 20-minute drafters (40-75 min)
+#                                                              # calibration (~3 min) and the benchmark of
+#                                                              # the 20-minute drafters (50-75 min)
 #   bash examples/reference_drafter.sh --max-train-minutes 20  # one point of the curve (~30 min)
 #
 # A finished budget (its results.json exists) is not retrained, so an interrupted run resumes.
