@@ -6,7 +6,7 @@
 # side by side, one CPU thread each. Every budget trains a fresh drafter whose learning rate anneals to that
 # budget's end, then evaluates it on held-out prompts (5 per dataset x 64 new tokens, greedy).
 #
-#   bash examples/reference_drafter.sh                         # budgets 2.5 5 10 20: ~75 min, then
+#   bash examples/reference_drafter.sh                         # budgets 2.5 5 10 20: ~70 min, then
 #                                                              # calibration (~3 min) and the benchmark of
 #                                                              # the 20-minute drafters (50-75 min)
 #   bash examples/reference_drafter.sh --max-train-minutes 20  # one point of the curve (~30 min)
