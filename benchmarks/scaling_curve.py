@@ -66,17 +66,19 @@ def plot(points: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     datasets = sorted({d for p in points for d in p["per_dataset"]})
-    panels = [(d, lambda p, d=d: p["per_dataset"][d]["dspark"]["tau"]) for d in datasets]
-    panels.append(("held-out answers, teacher-forced", held_out_tau))
+    panels = [
+        (d, "tau, full block, greedy", lambda p, d=d: p["per_dataset"][d]["dspark"]["tau"]) for d in datasets
+    ]
+    panels.append(("held-out answers, teacher-forced", "expected tau", held_out_tau))
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
-    for ax, (title, tau_of) in zip(axes[0], panels):
+    for ax, (title, ylabel, tau_of) in zip(axes[0], panels):
         for recipe in sorted({p["recipe"] for p in points}):
             curve = sorted((p["minutes"], tau_of(p)) for p in points if p["recipe"] == recipe)
             ax.plot(*zip(*curve), marker="o", label=recipe)
         ax.set_xscale("log", base=2)
         ax.set_title(title)
         ax.set_xlabel("training minutes (2-core CPU, 1 thread)")
-        ax.set_ylabel("tau, full block, greedy" if title in datasets else "expected tau")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -101,8 +103,10 @@ def main() -> None:
     plot(points, args.output.with_suffix(".png"))
     for p in points:
         taus = ", ".join(f"{d} {v['dspark']['tau']:.2f}" for d, v in p["per_dataset"].items())
-        print(f"{p['recipe']:>8} {p['minutes']:>5g} min, {p['steps']:>5} steps: tau {taus}", end="")
-        print(f"; held-out teacher-forced {held_out_tau(p):.2f}")
+        print(
+            f"{p['recipe']:>8} {p['minutes']:>5g} min, {p['steps']:>5} steps: tau {taus}; "
+            f"held-out teacher-forced {held_out_tau(p):.2f}"
+        )
     print(f"wrote {args.output} and {args.output.with_suffix('.png')}")
 
 
