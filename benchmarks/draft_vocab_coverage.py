@@ -16,10 +16,15 @@ from pathlib import Path
 
 import torch
 
-from dspark_hf.benchmarking import encode_chat_prompt
-from dspark_hf.data import build_dataset, load_prompts, load_reference_train_rows
-from dspark_hf.draft_vocab import frequency_ranked_vocab, load_token_ranking, ranked_vocab, vocab_coverage
-from dspark_hf.reference_target import load_reference_target
+from dspark_hf.reference.benchmarking import encode_chat_prompt
+from dspark_hf.reference.target import load_reference_target
+from dspark_hf.training.data import build_dataset, load_prompts, load_reference_train_rows
+from dspark_hf.training.draft_vocab import (
+    frequency_ranked_vocab,
+    load_token_ranking,
+    ranked_vocab,
+    vocab_coverage,
+)
 
 DATASETS = ("gsm8k", "mt-bench", "humaneval")
 

@@ -8,8 +8,8 @@ teacher-forced acceptance per block position and expected tau on the 100 held-ou
     wait
     python benchmarks/recipe_ablation.py --summarize     # the table in benchmarks/README.md
 
-Every variant starts from the quickstart's options (`dspark_hf.quickstart.QuickstartOptions`) and changes
-one of them; results land in `benchmarks/results/ablation/<variant>.json`.
+Every variant starts from the quickstart's options (`dspark_hf.reference.quickstart.QuickstartOptions`)
+and changes one of them; results land in `benchmarks/results/ablation/<variant>.json`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from dspark_hf.quickstart import QuickstartOptions, held_out_acceptance, train_drafter
-from dspark_hf.reference_target import load_reference_target
+from dspark_hf.reference.quickstart import QuickstartOptions, held_out_acceptance, train_drafter
+from dspark_hf.reference.target import load_reference_target
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ablation"
 # The recipe of the quickstart before this ablation, then one change per variant.

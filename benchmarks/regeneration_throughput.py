@@ -1,4 +1,5 @@
-"""Throughput of on-policy regeneration (`dspark_hf.data.regenerate_responses`) on the reference target.
+"""Throughput of on-policy regeneration (`dspark_hf.training.data.regenerate_responses`) on the reference
+target.
 
 Fixed length: each configuration (batch size x dtype) answers the same prompts greedily with a fixed number
 of new tokens (no early stop, so every configuration does the same work), batched against one by one, in
@@ -29,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from dspark_hf.batched_decoding import decode_shrinking_batch
-from dspark_hf.data import load_onpolicy_rows, regenerate_responses
-from dspark_hf.onpolicy import cpu_has_native_bf16
-from dspark_hf.reference_target import load_reference_target
+from dspark_hf.generation.batched_decoding import decode_shrinking_batch
+from dspark_hf.reference.onpolicy import cpu_has_native_bf16
+from dspark_hf.reference.target import load_reference_target
+from dspark_hf.training.data import load_onpolicy_rows, regenerate_responses
 
 
 def measure(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int) -> float:

@@ -38,7 +38,8 @@ import transformers
 from tqdm.auto import tqdm
 
 import dspark_hf
-from dspark_hf.benchmarking import (
+from dspark_hf.modeling_dspark import DSparkForCausalLM
+from dspark_hf.reference.benchmarking import (
     PromptRun,
     encode_chat_prompt,
     json_safe,
@@ -46,17 +47,16 @@ from dspark_hf.benchmarking import (
     summarize,
     timed_generate,
 )
-from dspark_hf.data import load_prompts
-from dspark_hf.draft_vocab import vocab_coverage
-from dspark_hf.modeling_dspark import DSparkForCausalLM
-from dspark_hf.reference_target import load_reference_target
-from dspark_hf.scheduling import (
+from dspark_hf.reference.target import load_reference_target
+from dspark_hf.scheduling.calibration import (
     CalibrationRound,
     apply_temperatures,
     auroc,
     calibration_report,
     expected_calibration_error,
 )
+from dspark_hf.training.data import load_prompts
+from dspark_hf.training.draft_vocab import vocab_coverage
 
 DATASETS = ("gsm8k", "mt-bench", "humaneval")
 METHODS = (

@@ -37,9 +37,9 @@ def run_config(config: dict) -> dict:
     from transformers import TrainerCallback
 
     from dspark_hf import DSparkForCausalLM, DSparkTrainer, DSparkTrainingArguments
-    from dspark_hf.data import build_dataset, load_reference_train_rows
-    from dspark_hf.reference_target import load_reference_target
-    from dspark_hf.trainer import block_label_mask
+    from dspark_hf.reference.target import load_reference_target
+    from dspark_hf.training.data import build_dataset, load_reference_train_rows
+    from dspark_hf.training.trainer import block_label_mask
 
     torch.set_num_threads(config["threads"])
     bf16 = config.get("precision") == "bf16"
@@ -57,7 +57,7 @@ def run_config(config: dict) -> dict:
     drafter = DSparkForCausalLM.from_target(target, mask_token_id=config["mask_token_id"], **shape)
     extra = {}
     if config["path"] == "draft_vocab":
-        from dspark_hf.draft_vocab import load_token_ranking, ranked_vocab
+        from dspark_hf.training.draft_vocab import load_token_ranking, ranked_vocab
 
         ranking = load_token_ranking()
         drafter.set_draft_vocab(ranked_vocab(ranking, config["draft_vocab_size"], [tokenizer.eos_token_id]))

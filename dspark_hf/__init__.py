@@ -8,13 +8,13 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .check import DrafterCheckReport, check_drafter
 from .configuration_dspark import DSparkConfig, route_foreign_checkpoints_in_auto_config
-from .convert import export_deepspec
-from .generation import DSparkGenerationMixin, DSparkGenerationStats
-from .loss import DSparkLossOutput, dspark_loss
+from .formats.convert import export_deepspec
+from .formats.speculators import export_speculators
+from .generation.drafting import DSparkGenerationMixin, DSparkGenerationStats
 from .modeling_dspark import DSparkForCausalLM, DSparkOutput
-from .speculators_format import export_speculators
-from .trainer import DSparkTrainer
-from .training_args import DSparkTrainingArguments
+from .training.arguments import DSparkTrainingArguments
+from .training.loss import DSparkLossOutput, dspark_loss
+from .training.trainer import DSparkTrainer
 from .version import __version__ as __version__
 
 AutoConfig.register(DSparkConfig.model_type, DSparkConfig, exist_ok=True)

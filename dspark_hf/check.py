@@ -16,9 +16,9 @@ import torch
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from .benchmarking import encode_chat_prompt
+from .generation.target_tap import LayerFeatures, decoder_layers, target_compatibility_faults
 from .modeling_dspark import DSparkForCausalLM
-from .target_tap import LayerFeatures, decoder_layers, target_compatibility_faults
+from .reference.benchmarking import encode_chat_prompt
 
 # A trained drafter's first position is accepted far more often; below this it is untrained or misaligned.
 MIN_FIRST_POSITION_ACCEPTANCE = 0.1
@@ -142,7 +142,7 @@ def _probe_sequences(
     """[1, T] prompt + the target's greedy continuation, per prompt."""
     if prompts is None:
         if tokenizer is not None:
-            from .data import load_prompts
+            from .training.data import load_prompts
 
             prompts = load_prompts("gsm8k", "eval", limit=2) + load_prompts("mt-bench", "eval", limit=1)
         else:

@@ -12,7 +12,7 @@ def _run_push(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from .hub import push_folder
+    from .hub.push import push_folder
 
     results = json.loads(Path(args.results).read_text()) if args.results else None
     try:
@@ -42,7 +42,7 @@ def _add_push_command(subparsers) -> None:
 
 def _run_convert(args: argparse.Namespace) -> None:
     from .configuration_dspark import DSparkConfig
-    from .convert import convert_checkpoint, detect_layout, serving_instructions
+    from .formats.convert import convert_checkpoint, detect_layout, serving_instructions
 
     try:
         dst = convert_checkpoint(args.src, args.dst, to=args.format, verifier=args.verifier)
@@ -117,8 +117,8 @@ def _add_check_command(subparsers) -> None:
 
 
 def _run_train(args: argparse.Namespace) -> None:
-    from .training_args import DSparkTrainingArguments
-    from .workflows import TrainScriptArguments, train_drafter
+    from .training.arguments import DSparkTrainingArguments
+    from .training.workflow import TrainScriptArguments, train_drafter
 
     try:
         script_args = _dataclass_from_args(TrainScriptArguments, args)
@@ -132,8 +132,8 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _add_train_command(subparsers) -> None:
-    from .training_args import DSparkTrainingArguments
-    from .workflows import TrainScriptArguments
+    from .training.arguments import DSparkTrainingArguments
+    from .training.workflow import TrainScriptArguments
 
     parser = subparsers.add_parser(
         "train",
@@ -173,13 +173,13 @@ def _dataclass_from_args(options: type, args: argparse.Namespace):
 
 
 def _run_quickstart(args: argparse.Namespace) -> None:
-    from .quickstart import QuickstartOptions, run_quickstart
+    from .reference.quickstart import QuickstartOptions, run_quickstart
 
     run_quickstart(_dataclass_from_args(QuickstartOptions, args))
 
 
 def _add_quickstart_command(subparsers) -> None:
-    from .quickstart import QuickstartOptions
+    from .reference.quickstart import QuickstartOptions
 
     parser = subparsers.add_parser(
         "quickstart",
@@ -193,7 +193,7 @@ def _add_quickstart_command(subparsers) -> None:
 def _run_data(args: argparse.Namespace) -> None:
     import json
 
-    from .onpolicy import OnPolicyDataArguments, build_onpolicy_data, onpolicy_summary
+    from .reference.onpolicy import OnPolicyDataArguments, build_onpolicy_data, onpolicy_summary
 
     options = _dataclass_from_args(OnPolicyDataArguments, args)
     build_onpolicy_data(options)
@@ -201,7 +201,7 @@ def _run_data(args: argparse.Namespace) -> None:
 
 
 def _add_data_command(subparsers) -> None:
-    from .onpolicy import OnPolicyDataArguments
+    from .reference.onpolicy import OnPolicyDataArguments
 
     parser = subparsers.add_parser(
         "data",
@@ -213,7 +213,7 @@ def _add_data_command(subparsers) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> None:
-    from .workflows import calibrate_drafter
+    from .training.workflow import calibrate_drafter
 
     try:
         report = calibrate_drafter(

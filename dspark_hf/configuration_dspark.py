@@ -84,8 +84,9 @@ class DSparkConfig(PreTrainedConfig):
         sub-vocabulary of this size (the `draft_vocab_ids` buffer), which makes the LM head and the Markov
         steps several times cheaper. Verification is unchanged, so decoding stays lossless.
     target_cost_profile (`dict`, *optional*): the target's forward time per number of verified tokens on the
-        serving machine (a `dspark_hf.scheduling.CostProfile` as a dict, set by `set_cost_profile` or
-        `dspark calibrate --profile-cost`), which confidence scheduling weighs expected accepts against.
+        serving machine (a `dspark_hf.scheduling.cost_profile.CostProfile` as a dict, set by
+        `set_cost_profile` or `dspark calibrate --profile-cost`), which confidence scheduling weighs expected
+        accepts against.
         Machine-specific: re-profile on other hardware.
     """
 
@@ -177,7 +178,7 @@ class DSparkConfig(PreTrainedConfig):
                 f"confidence_temperatures must hold {self.block_size} positive values, got {temperatures}."
             )
         if self.target_cost_profile is not None:
-            from .cost_profile import CostProfile
+            from .scheduling.cost_profile import CostProfile
 
             try:
                 CostProfile(**self.target_cost_profile)

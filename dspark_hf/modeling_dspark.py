@@ -27,10 +27,10 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_dspark import DSparkConfig
 from .context_cache import DSparkContextCache
-from .generation import DSparkGenerationMixin
+from .formats.weights import needs_translation, read_config_dict, write_native_folder
+from .generation.drafting import DSparkGenerationMixin
 from .heads import ConfidenceHead, build_markov_head
-from .model_card import DSparkHubMixin
-from .weight_layouts import needs_translation, read_config_dict, write_native_folder
+from .hub.model_card import DSparkHubMixin
 
 logger = logging.get_logger(__name__)
 

@@ -17,9 +17,9 @@ import itertools
 import json
 from pathlib import Path
 
-from dspark_hf.data import iter_sharegpt_records, load_onpolicy_rows, load_reference_train_rows
-from dspark_hf.draft_vocab import REFERENCE_TOKEN_RANKING, rank_tokens
-from dspark_hf.reference_target import load_reference_target
+from dspark_hf.reference.target import load_reference_target
+from dspark_hf.training.data import iter_sharegpt_records, load_onpolicy_rows, load_reference_train_rows
+from dspark_hf.training.draft_vocab import REFERENCE_TOKEN_RANKING, rank_tokens
 
 RESOURCES = Path(__file__).resolve().parents[1] / "dspark_hf" / "resources"
 

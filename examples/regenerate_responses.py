@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from dspark_hf.data import (
+from dspark_hf.reference.target import load_reference_target
+from dspark_hf.training.data import (
     GSM8K_EVAL_ROWS,
     REFERENCE_TRAIN_FILE,
     load_prompts,
@@ -36,7 +37,6 @@ from dspark_hf.data import (
     regenerate_responses,
     sharegpt_first_turns,
 )
-from dspark_hf.reference_target import load_reference_target
 
 RESOURCES = Path(__file__).resolve().parents[1] / "dspark_hf" / "resources"
 

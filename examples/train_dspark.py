@@ -6,7 +6,7 @@ A short CPU run on the offline reference target (SmolLM2-135M-Instruct) and its 
         --max_length 512 --num_draft_layers 2 --eval_rows 8
 
 Your target and chat data (JSON lines of {"messages": [...]} or {"prompt", "response"}, ideally the target's
-own answers, see `dspark_hf.data.regenerate_responses`), on several GPUs::
+own answers, see `dspark_hf.training.data.regenerate_responses`), on several GPUs::
 
     accelerate launch examples/train_dspark.py --target Qwen/Qwen3-4B --dataset_path answers.jsonl \\
         --output_dir qwen3-4b-dspark --bf16 --num_train_epochs 10 --per_device_train_batch_size 4
@@ -17,7 +17,7 @@ Adapting an existing drafter to a fine-tuned target with LoRA (a few MB of adapt
         --dataset_path answers.jsonl --lora_r 16 --output_dir adapter
 
 Every `DSparkTrainingArguments` / `TrainingArguments` flag is accepted; the workflow is
-`dspark_hf.workflows.train_drafter`, which `dspark train` runs too.
+`dspark_hf.training.workflow.train_drafter`, which `dspark train` runs too.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 from transformers import HfArgumentParser
 
 from dspark_hf import DSparkTrainingArguments
-from dspark_hf.workflows import TrainScriptArguments, train_drafter
+from dspark_hf.training.workflow import TrainScriptArguments, train_drafter
 
 if __name__ == "__main__":
     parser = HfArgumentParser((TrainScriptArguments, DSparkTrainingArguments))

@@ -96,8 +96,28 @@ def test_no_private_attributes_of_other_modules():
     assert offenders == []
 
 
-def test_the_readme_layout_lists_every_module():
+def _readme_layout() -> list[str]:
+    """The package paths the README's Layout section lists: `name.py` at the root, `sub/` for a subpackage
+    and `sub/name.py` for its modules (indented under it)."""
     readme = (PACKAGE.parent / "README.md").read_text()
     layout = readme[readme.index("## Layout") :].split("```")[1]
-    listed = set(re.findall(r"^  (\w+\.py) ", layout, re.MULTILINE))
-    assert listed == {path.name for path in PACKAGE.glob("*.py")} - {"__init__.py"}
+    listed, subpackage = [], ""
+    for line in layout.splitlines():
+        entry = re.match(r"^(  |    )(\w+\.py|\w+/)(?: |$)", line)
+        if entry is None:
+            continue
+        indent, name = entry.groups()
+        if len(indent) == 2:
+            subpackage = name if name.endswith("/") else ""
+            listed.append(name)
+        else:
+            listed.append(subpackage + name)
+    return listed
+
+
+def test_the_readme_layout_lists_every_module_and_subpackage():
+    """Every module, subpackage and data folder of the package, each once (a subpackage by its folder)."""
+    modules = [path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")]
+    modules = [m if m == "__init__.py" else m.removesuffix("__init__.py") for m in modules]
+    folders = [f"{path.name}/" for path in PACKAGE.iterdir() if path.is_dir() and path.name != "__pycache__"]
+    assert sorted(_readme_layout()) == sorted(set(modules) | set(folders))

@@ -2,7 +2,7 @@ import pytest
 import torch
 from conftest import make_tiny_target
 
-from dspark_hf.batched_decoding import decode_shrinking_batch, sampling_warpers
+from dspark_hf.generation.batched_decoding import decode_shrinking_batch, sampling_warpers
 
 PAD = 0
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import make_tiny_drafter, make_tiny_target
 
-from dspark_hf.benchmarking import ForwardLog, summarize, timed_generate
-from dspark_hf.scheduling import CalibrationRound
+from dspark_hf.reference.benchmarking import ForwardLog, summarize, timed_generate
+from dspark_hf.scheduling.calibration import CalibrationRound
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run_benchmark.py"
 VOCAB, HIDDEN, BLOCK = 48, 48, 5

@@ -13,8 +13,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 from dspark_hf import DSparkForCausalLM, check_drafter
 from dspark_hf.check import MIN_FIRST_POSITION_ACCEPTANCE
 from dspark_hf.cli import main
-from dspark_hf.trainer import DSparkTrainer
-from dspark_hf.training_args import DSparkTrainingArguments
+from dspark_hf.training.arguments import DSparkTrainingArguments
+from dspark_hf.training.trainer import DSparkTrainer
 
 PROMPT, RESPONSE, BLOCK = 4, 20, 4
 

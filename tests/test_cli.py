@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-import dspark_hf.hub
-import dspark_hf.onpolicy
-import dspark_hf.quickstart
-import dspark_hf.workflows
+import dspark_hf.hub.push
+import dspark_hf.reference.onpolicy
+import dspark_hf.reference.quickstart
+import dspark_hf.training.workflow
 from dspark_hf.cli import main
-from dspark_hf.convert import detect_layout
+from dspark_hf.formats.convert import detect_layout
 
 FIXTURE = Path(__file__).parent / "fixtures" / "deepspec_vanilla_conf"
 COMMANDS = ["train", "quickstart", "data", "calibrate", "convert", "check", "push"]
@@ -72,7 +72,7 @@ def test_train_help_lists_every_training_argument_with_its_default(capsys):
 
 
 def test_train_flags_become_the_script_and_training_arguments(record, tmp_path):
-    calls = record(dspark_hf.workflows, "train_drafter", result={})
+    calls = record(dspark_hf.training.workflow, "train_drafter", result={})
     rows = tmp_path / "rows.jsonl"
     main(["train", "--target", "t", "--dataset", str(rows), "--num-layers", "2", "--markov-head", "rnn",
           "--max-steps", "5", "--learning_rate", "1e-4", "--num_anchors", "8", "--resume"])  # fmt: skip
@@ -92,7 +92,7 @@ def test_the_readme_train_command_parses(record):
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     blocks = [block.split("```")[0] for block in readme.split("```bash")[1:]]
     command = next(block for block in blocks if block.lstrip().startswith("dspark train"))
-    calls = record(dspark_hf.workflows, "train_drafter", result={})
+    calls = record(dspark_hf.training.workflow, "train_drafter", result={})
     argv = shlex.split(command.replace("\\\n", " "))[1:]
     main([flag for flag in argv if flag != "--bf16"])  # bfloat16 needs a GPU here
     (script_args, training_args), _ = calls[0]
@@ -108,7 +108,7 @@ def test_the_readme_train_command_parses(record):
     ],
 )
 def test_train_refuses_inconsistent_arguments(record, argv, message):
-    calls = record(dspark_hf.workflows, "train_drafter")
+    calls = record(dspark_hf.training.workflow, "train_drafter")
     with pytest.raises(SystemExit, match=f"dspark train: .*{message}"):
         main(["train", *argv])
     assert calls == []
@@ -125,11 +125,11 @@ def test_train_rejects_invalid_flags(argv):
 
 
 def test_quickstart_flags_become_its_options(record, capsys):
-    calls = record(dspark_hf.quickstart, "run_quickstart")
+    calls = record(dspark_hf.reference.quickstart, "run_quickstart")
     main(["quickstart", "--max-steps", "3", "--bf16", "true", "--recipe", "dflash"])
     (options,), _ = calls[0]
     assert (options.max_steps, options.bf16, options.recipe) == (3, True, "dflash")
-    assert options.max_train_minutes == dspark_hf.quickstart.QuickstartOptions.max_train_minutes
+    assert options.max_train_minutes == dspark_hf.reference.quickstart.QuickstartOptions.max_train_minutes
     assert exit_code(["quickstart", "--max-steps", "3.5"]) == 2
     assert exit_code(["quickstart", "--bf16", "maybe"]) == 2
     exit_code(["quickstart", "--help"])
@@ -137,8 +137,8 @@ def test_quickstart_flags_become_its_options(record, capsys):
 
 
 def test_data_flags_become_its_arguments(record, capsys):
-    calls = record(dspark_hf.onpolicy, "build_onpolicy_data")
-    record(dspark_hf.onpolicy, "onpolicy_summary", result={"rows": 0})
+    calls = record(dspark_hf.reference.onpolicy, "build_onpolicy_data")
+    record(dspark_hf.reference.onpolicy, "onpolicy_summary", result={"rows": 0})
     main(["data", "--num-prompts", "4", "--sampled", "false", "--vendor-to", "vendored.jsonl.gz"])
     (options,), _ = calls[0]
     assert (options.num_prompts, options.sampled, options.vendor_to) == (4, False, "vendored.jsonl.gz")
@@ -150,8 +150,10 @@ def test_data_flags_become_its_arguments(record, capsys):
 
 
 def test_calibrate_flags_become_the_workflow_arguments(record, tmp_path, capsys):
-    report = dspark_hf.workflows.CalibrationReport("table", 3, tmp_path / "config.json", [0.001, 0.002])
-    calls = record(dspark_hf.workflows, "calibrate_drafter", result=report)
+    report = dspark_hf.training.workflow.CalibrationReport(
+        "table", 3, tmp_path / "config.json", [0.001, 0.002]
+    )
+    calls = record(dspark_hf.training.workflow, "calibrate_drafter", result=report)
     main(["calibrate", "drafter", "--prompts-per-set", "2", "--do-sample", "--profile-cost"])
     args, kwargs = calls[0]
     assert args == ("drafter", None) and kwargs["prompts_per_set"] == 2
@@ -193,7 +195,7 @@ def test_push_flags_become_the_publish_call(record, tmp_path, capsys):
     commit = type(
         "Commit", (), {"repo_url": type("Url", (), {"url": "https://hf.co/org/d"}), "commit_url": "c"}
     )
-    calls = record(dspark_hf.hub, "push_folder", result=commit)
+    calls = record(dspark_hf.hub.push, "push_folder", result=commit)
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"gsm8k": {"tau": 2.0, "speedup": 1.5}}))
     main(["push", "folder", "org/d", "--private", "--results", str(results)])

@@ -9,8 +9,8 @@ from conftest import make_tiny_target
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from dspark_hf import data
-from dspark_hf.data import (
+from dspark_hf.training import data
+from dspark_hf.training.data import (
     build_dataset,
     iter_sharegpt_records,
     load_prompts,
@@ -131,7 +131,7 @@ def test_build_dataset_columns_and_row_errors(tokenizer):
 def test_smollm2_chat_template_mask():
     from transformers import AutoTokenizer
 
-    from dspark_hf.reference_target import gguf_path
+    from dspark_hf.reference.target import gguf_path
 
     path = gguf_path()
     smol = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

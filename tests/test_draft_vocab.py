@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from dspark_hf import DSparkConfig, DSparkForCausalLM, export_deepspec
-from dspark_hf.draft_vocab import frequency_ranked_vocab
+from dspark_hf.training.draft_vocab import frequency_ranked_vocab
 
 
 def test_frequency_ranked_vocab_counts_only_masked_tokens_and_keeps_forced_ids():

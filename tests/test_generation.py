@@ -11,9 +11,11 @@ import transformers
 from conftest import make_tiny_drafter, make_tiny_target
 
 from dspark_hf import DSparkConfig, DSparkForCausalLM
-from dspark_hf.generation import check_transformers_version
+from dspark_hf.generation.drafting import check_transformers_version
 from dspark_hf.heads import GatedMarkovHead, RNNMarkovHead
-from dspark_hf.scheduling import CausalPrefixScheduler, CostProfile, record_calibration_rounds
+from dspark_hf.scheduling.calibration import record_calibration_rounds
+from dspark_hf.scheduling.cost_profile import CostProfile
+from dspark_hf.scheduling.schedulers import CausalPrefixScheduler
 
 VOCAB, HIDDEN, TARGET_LAYERS = 64, 64, 4
 LAYER_IDS = [-1, 1, 2]

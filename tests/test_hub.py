@@ -34,7 +34,7 @@ from transformers import AutoModel, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from dspark_hf import DSparkForCausalLM
 from dspark_hf.cli import main
-from dspark_hf.hub import read_card_metadata, render_model_card, write_model_card
+from dspark_hf.hub.model_card import read_card_metadata, render_model_card, write_model_card
 
 TARGET_ID, DRAFTER_ID = "test-org/tiny-target", "test-org/tiny-dspark"
 TRAINING_INFO = {

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dspark_hf import dspark_loss
-from dspark_hf.loss import position_weights
+from dspark_hf.training.loss import position_weights
 
 
 def reference_terms(draft, target, labels, mask, confidence, decay_gamma):

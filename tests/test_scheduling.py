@@ -8,10 +8,8 @@ import pytest
 import torch
 from conftest import make_tiny_drafter, make_tiny_target
 
-from dspark_hf.scheduling import (
+from dspark_hf.scheduling.calibration import (
     CalibrationRound,
-    CausalPrefixScheduler,
-    CostProfile,
     apply_temperatures,
     auroc,
     brier_score,
@@ -19,12 +17,12 @@ from dspark_hf.scheduling import (
     calibration_report,
     expected_calibration_error,
     format_calibration_table,
-    prefix_schedule,
-    profile_cost,
     reliability_diagram,
     survival_outcomes,
     survival_probabilities,
 )
+from dspark_hf.scheduling.cost_profile import CostProfile, profile_cost
+from dspark_hf.scheduling.schedulers import CausalPrefixScheduler, prefix_schedule
 
 # ---------------------------------------------------------------------------------------------------------
 # Appendix A: the early stop is what keeps scheduling lossless
@@ -471,7 +469,7 @@ def test_dspark_calibrate_command(tmp_path, capsys):
     cost profile, rewriting only the drafter's config; a DeepSpec-layout folder is not rewritten in place."""
     from dspark_hf import DSparkForCausalLM, export_deepspec
     from dspark_hf.cli import main
-    from dspark_hf.data import load_prompts
+    from dspark_hf.training.data import load_prompts
 
     torch.manual_seed(0)
     tokenizer = chat_tokenizer(load_prompts("gsm8k", "eval")[-1:] + load_prompts("mt-bench", "eval")[-1:])

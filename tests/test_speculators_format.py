@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel
 
 from dspark_hf import DSparkConfig, DSparkForCausalLM, export_deepspec, export_speculators
 from dspark_hf.cli import main
-from dspark_hf.convert import convert_checkpoint, detect_layout
+from dspark_hf.formats.convert import convert_checkpoint, detect_layout
 
 FIXTURE = Path(__file__).parent / "fixtures" / "deepspec_vanilla_conf"
 DRAFT_IDS = [0, 3, 17, 40, 63, 90, 127]

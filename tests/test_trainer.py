@@ -14,14 +14,14 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 from dspark_hf import DSparkForCausalLM
-from dspark_hf.trainer import (
+from dspark_hf.training.arguments import DSparkTrainingArguments
+from dspark_hf.training.trainer import (
     DSparkDataCollator,
     DSparkTrainer,
     anchor_seeds,
     build_blocks,
     sample_anchors,
 )
-from dspark_hf.training_args import DSparkTrainingArguments
 
 VOCAB, PROMPT, RESPONSE, BLOCK = 48, 4, 20, 4
 
@@ -255,7 +255,7 @@ def test_evaluate_reports_metrics_and_is_repeatable(overfit):
 
 
 def test_save_writes_drafter_and_card(overfit, tmp_path):
-    from dspark_hf.hub import read_card_metadata
+    from dspark_hf.hub.model_card import read_card_metadata
 
     trainer, _, _ = overfit
     trainer.save_model(str(tmp_path))
@@ -612,7 +612,7 @@ def test_dspark_train_command(tmp_path):
     from transformers import AutoTokenizer
 
     from dspark_hf.cli import main
-    from dspark_hf.reference_target import default_cache_dir
+    from dspark_hf.reference.target import default_cache_dir
 
     if not (default_cache_dir() / "tokenizer_config.json").is_file():
         pytest.skip("the reference target's tokenizer is not cached")

@@ -30,11 +30,11 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import is_peft_available
 
+from ..generation.target_tap import LayerFeatures, check_target_compatibility, expected_tau
+from ..hub.model_card import write_model_card
+from .arguments import DSparkTrainingArguments
 from .loss import DSparkLossOutput, dspark_loss, position_weights, target_distribution
-from .model_card import write_model_card
-from .target_tap import LayerFeatures, check_target_compatibility, expected_tau
 from .time_budget import WallClockBudget
-from .training_args import DSparkTrainingArguments
 
 # Parameters copied from the target: frozen, never trained, never part of an adapter.
 FROZEN_MODULES = ("embed_tokens", "lm_head")
@@ -202,7 +202,7 @@ class DSparkTrainer(Trainer):
         target_model: the target causal LM; kept in eval mode, never updated.
         args: [`DSparkTrainingArguments`].
         train_dataset, eval_dataset: rows with `input_ids` and `loss_mask` (1 on the assistant tokens the
-            drafter learns to predict); see `dspark_hf.data`.
+            drafter learns to predict); see `dspark_hf.training.data`.
         processing_class: the target's tokenizer (saved with the drafter; its pad id pads batches).
         peft_config: optional PEFT config (e.g. `LoraConfig(target_modules=[...], task_type=None)`), applied
             with `peft.get_peft_model`.
@@ -582,7 +582,7 @@ def check_dataset(dataset: Any, name: str) -> None:
     if missing:
         raise ValueError(
             f"{name} rows lack {missing}; they need `input_ids` and `loss_mask` (1 on the assistant tokens), "
-            "as built by `dspark_hf.data.build_dataset`."
+            "as built by `dspark_hf.training.data.build_dataset`."
         )
     rows = dataset.select_columns(["loss_mask"]) if hasattr(dataset, "select_columns") else dataset
     for row in rows:

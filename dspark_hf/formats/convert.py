@@ -14,10 +14,10 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from .configuration_dspark import DEEPSPEC_ARCHITECTURE, DSparkConfig
-from .modeling_dspark import DSparkForCausalLM
-from .speculators_format import export_speculators
-from .weight_layouts import Layout, config_layout, serving_state_dict, write_serving_folder
+from ..configuration_dspark import DEEPSPEC_ARCHITECTURE, DSparkConfig
+from ..modeling_dspark import DSparkForCausalLM
+from .speculators import export_speculators
+from .weights import Layout, config_layout, serving_state_dict, write_serving_folder
 
 LAYOUTS: tuple[Layout, ...] = ("native", "deepspec", "speculators")
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .target_tap import cache_keyword
+from ..generation.target_tap import cache_keyword
 
 
 @dataclass

@@ -16,7 +16,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .target_tap import accepted_per_round, round_conditional_acceptance, round_tau, sequence_cache
+from ..generation.target_tap import (
+    accepted_per_round,
+    round_conditional_acceptance,
+    round_tau,
+    sequence_cache,
+)
 
 
 @dataclass

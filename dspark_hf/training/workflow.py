@@ -13,16 +13,16 @@ from typing import Any
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from .benchmarking import encode_chat_prompt
-from .calibration import calibrate_sts, format_calibration_table, record_calibration_rounds
-from .convert import detect_layout
-from .cost_profile import profile_cost
+from ..formats.convert import detect_layout
+from ..heads import MARKOV_HEADS
+from ..modeling_dspark import DSparkForCausalLM
+from ..reference.benchmarking import encode_chat_prompt
+from ..reference.target import load_reference_target
+from ..scheduling.calibration import calibrate_sts, format_calibration_table, record_calibration_rounds
+from ..scheduling.cost_profile import profile_cost
+from .arguments import DSparkTrainingArguments
 from .data import build_dataset, load_prompts, load_reference_train_rows, read_jsonl, regenerate_responses
-from .heads import MARKOV_HEADS
-from .modeling_dspark import DSparkForCausalLM
-from .reference_target import load_reference_target
 from .trainer import DSparkTrainer
-from .training_args import DSparkTrainingArguments
 
 # The draft layers' projections and `fc`, which maps the target's features; the embedding and LM head are the
 # target's and stay frozen. The confidence head is tiny, so it is trained in full.

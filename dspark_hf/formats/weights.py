@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
-from .configuration_dspark import DSparkConfig, deepspec_to_native_dict, speculators_to_native_dict
+from ..configuration_dspark import DSparkConfig, deepspec_to_native_dict, speculators_to_native_dict
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

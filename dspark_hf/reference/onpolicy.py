@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .data import (
+from ..training.data import (
     GSM8K_EVAL_ROWS,
     GSM8K_PROMPT_SUFFIX,
     PROMPT_SETS,
@@ -191,7 +191,7 @@ def build_onpolicy_data(args: OnPolicyDataArguments, model=None, tokenizer=None)
         torch.set_num_threads(args.threads)
     pool = training_prompt_pool(args.num_prompts)
     if model is None and pool:
-        from .reference_target import load_reference_target
+        from .target import load_reference_target
 
         model, tokenizer = load_reference_target(dtype=generation_dtype(args.dtype))
     modes: list[dict[str, Any]] = [{}] + ([dict(SAMPLED, do_sample=True)] if args.sampled else [])

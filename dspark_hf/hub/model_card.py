@@ -19,10 +19,10 @@ from typing import Any
 from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelCardData
 from transformers import PreTrainedModel
 
-from .heads import MARKOV_HEADS
-from .version import __version__
+from ..heads import MARKOV_HEADS
+from ..version import __version__
 
-MODEL_CARD_TEMPLATE = Path(__file__).parent / "hub_templates" / "model_card.md"
+MODEL_CARD_TEMPLATE = Path(__file__).parent.parent / "hub_templates" / "model_card.md"
 CARD_METADATA_KEY = "dspark"
 CARD_TAGS = ("speculative-decoding", "dspark")
 # All a drafter repo needs; anything else in a folder (optimizer states, pickled training args) stays local.

@@ -18,16 +18,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..modeling_dspark import DSparkForCausalLM
+from ..scheduling.cost_profile import profile_cost
+from ..training.arguments import DSparkTrainingArguments
+from ..training.data import build_dataset, load_onpolicy_rows, load_prompts, reference_training_rows
+from ..training.draft_vocab import load_token_ranking, ranked_vocab
+from ..training.recipes import get_recipe
+from ..training.trainer import DSparkTrainer
 from .benchmarking import encode_chat_prompt, json_safe, run_interleaved, summarize, timed_generate
-from .cost_profile import profile_cost
-from .data import build_dataset, load_onpolicy_rows, load_prompts, reference_training_rows
-from .draft_vocab import load_token_ranking, ranked_vocab
-from .modeling_dspark import DSparkForCausalLM
 from .onpolicy import answer_counts
-from .recipes import get_recipe
-from .reference_target import load_reference_target
-from .trainer import DSparkTrainer
-from .training_args import DSparkTrainingArguments
+from .target import load_reference_target
 
 EVAL_DATASETS = ("gsm8k", "mt-bench", "humaneval")
 DATASET_NAMES = {"gsm8k": "GSM8K", "mt-bench": "MT-Bench", "humaneval": "HumanEval"}
@@ -44,7 +44,7 @@ class QuickstartOptions:
     recipe: str = field(
         default="dspark",
         metadata={
-            "help": "What the drafter is and how it learns (dspark_hf.recipes): dspark, dflash, "
+            "help": "What the drafter is and how it learns (dspark_hf.training.recipes): dspark, dflash, "
             "dflash_same_recipe."
         },
     )

@@ -10,6 +10,7 @@ import os
 
 from huggingface_hub import CommitInfo
 
+from ..modeling_dspark import DSparkForCausalLM
 from .model_card import (
     CARD_METADATA_KEY,
     CARD_TAGS,
@@ -20,7 +21,6 @@ from .model_card import (
     render_model_card,
     write_model_card,
 )
-from .modeling_dspark import DSparkForCausalLM
 
 
 def push_folder(

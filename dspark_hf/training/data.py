@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from .batched_decoding import decode_shrinking_batch
+from ..generation.batched_decoding import decode_shrinking_batch
 
 RESOURCES: Traversable = resources.files("dspark_hf") / "resources"
 REFERENCE_TRAIN_FILE = "smollm2_train.jsonl"
@@ -301,9 +301,9 @@ def regenerate_responses(
     ``"temperature=T,top_p=P"``) are skipped, so an interrupted run resumes where it stopped, and one file
     can hold a greedy and a sampled answer per prompt. Pending prompts are batched by length (left padding)
     to waste little compute on padding, and each answer leaves its batch as soon as it ends
-    (:func:`~dspark_hf.batched_decoding.decode_shrinking_batch`); each batch is flushed to disk as soon as it
-    finishes, and the progress bar shows generated tokens per second. ``truncated`` marks answers cut off at
-    ``max_new_tokens``. Returns the records for ``prompts``, in order.
+    (:func:`~dspark_hf.generation.batched_decoding.decode_shrinking_batch`); each batch is flushed to disk as
+    soon as it finishes, and the progress bar shows generated tokens per second. ``truncated`` marks answers
+    cut off at ``max_new_tokens``. Returns the records for ``prompts``, in order.
     """
     output_path = Path(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,10 +24,10 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList
 from transformers.utils import logging
 
-from .calibration import apply_temperatures
-from .context_cache import DSparkContextCache
-from .cost_profile import CostProfile
-from .schedulers import CausalPrefixScheduler
+from ..context_cache import DSparkContextCache
+from ..scheduling.calibration import apply_temperatures
+from ..scheduling.cost_profile import CostProfile
+from ..scheduling.schedulers import CausalPrefixScheduler
 from .target_tap import (
     MAX_TRANSFORMERS_VERSION,
     MIN_TRANSFORMERS_VERSION,
@@ -90,13 +90,14 @@ class DSparkGenerationMixin(GenerationMixin):
     - `confidence_scheduling` (default False): DSpark's hardware-aware scheduler. With a_j = c_1 x ... x c_j
       the prefix survival and T(B) the target's seconds per forward over B tokens, draft j is offered while
       it raises the expected throughput (1 + a_1 + ... + a_j) / T(1 + j), decided position by position from
-      a_1..a_j only (`dspark_hf.scheduling.CausalPrefixScheduler`), which keeps sampling lossless. T comes
-      from the cost profile stored in the config (`set_cost_profile`, saved with the drafter). Both rules
-      compose: the block ends at the first refusal of either. The first draft is always offered, because
-      assisted generation cannot verify an empty draft; when the scheduler finds even it not worth its
-      cost, the block is that one draft.
+      a_1..a_j only (`dspark_hf.scheduling.schedulers.CausalPrefixScheduler`), which keeps sampling
+      lossless. T comes from the cost profile stored in the config (`set_cost_profile`, saved with the
+      drafter). Both rules compose: the block ends at the first refusal of either. The first draft is always
+      offered, because assisted generation cannot verify an empty draft; when the scheduler finds even it
+      not worth its cost, the block is that one draft.
     - `record_confidence` (default False): keep the raw confidence logits of every drafted position per round
-      in `last_stats.confidence_logits`, the data `dspark_hf.scheduling.calibrate_sts` fits temperatures on.
+      in `last_stats.confidence_logits`, the data `dspark_hf.scheduling.calibration.calibrate_sts` fits
+      temperatures on.
 
     Confidences are calibrated by `config.confidence_temperatures` when set (see `dspark calibrate`).
     """
@@ -154,9 +155,9 @@ class DSparkGenerationMixin(GenerationMixin):
         return None if stored is None else CostProfile(**stored)
 
     def set_cost_profile(self, profile: CostProfile | str | os.PathLike | None) -> None:
-        """Store a target cost profile (from `dspark_hf.scheduling.profile_cost`, or the JSON file it was
-        saved to) in the config, so it is measured once per machine and saved with the drafter; None removes
-        it."""
+        """Store a target cost profile (from `dspark_hf.scheduling.cost_profile.profile_cost`, or the JSON
+        file it was saved to) in the config, so it is measured once per machine and saved with the drafter;
+        None removes it."""
         if profile is not None and not isinstance(profile, CostProfile):
             profile = CostProfile.load(profile)
         self.config.target_cost_profile = None if profile is None else asdict(profile)
@@ -297,7 +298,8 @@ class DSparkGenerationMixin(GenerationMixin):
             if profile is None:
                 raise ValueError(
                     "confidence_scheduling needs the target's cost profile: "
-                    "`drafter.set_cost_profile(dspark_hf.scheduling.profile_cost(target))`, or run "
+                    "`drafter.set_cost_profile(dspark_hf.scheduling.cost_profile.profile_cost(target))`, or "
+                    "run "
                     "`dspark calibrate --profile-cost` on the drafter folder."
                 )
             scheduler = CausalPrefixScheduler(seconds_per_step=profile)

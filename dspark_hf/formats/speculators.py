@@ -19,8 +19,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .modeling_dspark import DSparkForCausalLM
-from .weight_layouts import read_config_dict, serving_state_dict, write_serving_folder
+from ..modeling_dspark import DSparkForCausalLM
+from .weights import read_config_dict, serving_state_dict, write_serving_folder
 
 # Tensors speculators never stores: the embedding always, the LM head unless reduced to a draft vocabulary.
 _OMITTED_ALWAYS = ("embed_tokens.weight",)

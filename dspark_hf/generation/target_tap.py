@@ -23,7 +23,7 @@ from packaging.version import Version
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
-from .calibration import CalibrationRound
+from ..scheduling.calibration import CalibrationRound
 
 # The versions whose `AssistedCandidateGenerator` / `_assisted_decoding` this module was verified against: the
 # assistant's returned cache field is `past_key_values` in 5.23 and `cache` in 5.24 (both left as None here).
@@ -218,8 +218,9 @@ class DSparkGenerationStats:
     confidence_logits: list[list[float]] | None = None
 
     def calibration_rounds(self) -> list[CalibrationRound]:
-        """The recorded rounds as calibration data for `dspark_hf.scheduling.calibrate_sts`, skipping rounds
-        that verified no draft. Record them with the full block verified (no threshold, no scheduling)."""
+        """The recorded rounds as calibration data for `dspark_hf.scheduling.calibration.calibrate_sts`,
+        skipping rounds that verified no draft. Record them with the full block verified (no threshold, no
+        scheduling)."""
         if self.confidence_logits is None:
             raise ValueError(
                 "No confidence logits were recorded: set "

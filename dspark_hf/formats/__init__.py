@@ -1,0 +1,2 @@
+"""Checkpoint layouts: native, DeepSpec's and speculators'; conversion between them and the engine commands
+that serve them."""
