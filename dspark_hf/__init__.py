@@ -1,14 +1,15 @@
 """DSpark speculative decoding, native to the Hugging Face stack.
 
 Importing the package registers the drafter with transformers' Auto classes, so `AutoModel.from_pretrained`
-loads DSpark checkpoints (native, DeepSpec's and speculators' layouts) without `trust_remote_code`.
+loads native DSpark checkpoints without `trust_remote_code`; `DSparkForCausalLM.from_pretrained` also loads
+DeepSpec's and speculators' layouts (`dspark_hf.formats`). Nothing else of transformers is changed.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .check import DrafterCheckReport, check_drafter
-from .configuration_dspark import DSparkConfig, route_foreign_checkpoints_in_auto_config
-from .formats.convert import export_deepspec
+from .configuration_dspark import DSparkConfig
+from .formats.deepspec import export_deepspec
 from .formats.speculators import export_speculators
 from .generation.drafting import DSparkGenerationMixin, DSparkGenerationStats
 from .modeling_dspark import DSparkForCausalLM, DSparkOutput
@@ -20,7 +21,6 @@ from .version import __version__ as __version__
 AutoConfig.register(DSparkConfig.model_type, DSparkConfig, exist_ok=True)
 AutoModel.register(DSparkConfig, DSparkForCausalLM, exist_ok=True)
 AutoModelForCausalLM.register(DSparkConfig, DSparkForCausalLM, exist_ok=True)
-route_foreign_checkpoints_in_auto_config()  # DeepSpec and speculators folders load through AutoModel too
 
 
 __all__ = [

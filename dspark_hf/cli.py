@@ -41,21 +41,23 @@ def _add_push_command(subparsers) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> None:
-    from .configuration_dspark import DSparkConfig
-    from .formats.convert import convert_checkpoint, detect_layout, serving_instructions
+    from .formats.convert import convert_checkpoint
+    from .formats.registry import detect_layout, get_format, load_config
 
     try:
         dst = convert_checkpoint(args.src, args.dst, to=args.format, verifier=args.verifier)
     except ValueError as err:
         raise SystemExit(f"dspark convert: {err}") from err
-    layout = detect_layout(dst)
-    print(f"Wrote the {layout}-layout checkpoint to {dst}.\n")
-    print(f'transformers: import dspark_hf; AutoModel.from_pretrained("{dst}")\n')
-    served, served_layout = (dst, layout) if layout != "native" else (args.src, detect_layout(args.src))
-    print(serving_instructions(DSparkConfig.from_pretrained(dst), served, served_layout))
+    written = get_format(detect_layout(dst))
+    print(f"Wrote the {written.name}-layout checkpoint to {dst}.\n")
+    print(f"transformers: {written.loading_instruction(dst)}\n")
+    served = dst if written.served_by_engines else args.src
+    print(get_format(detect_layout(served)).serving_instructions(load_config(dst), served))
 
 
 def _add_convert_command(subparsers) -> None:
+    from .formats.registry import LAYOUTS
+
     parser = subparsers.add_parser(
         "convert",
         help="Convert a drafter between the native layout, DeepSpec's (served by vLLM and SGLang) and "
@@ -67,7 +69,7 @@ def _add_convert_command(subparsers) -> None:
         "--format",
         "--to",
         dest="format",
-        choices=["native", "deepspec", "speculators"],
+        choices=list(LAYOUTS),
         help="Output layout (default: deepspec for a native folder, native for the others).",
     )
     parser.add_argument(

@@ -27,7 +27,8 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_dspark import DSparkConfig
 from .context_cache import DSparkContextCache
-from .formats.weights import needs_translation, read_config_dict, write_native_folder
+from .formats.registry import NATIVE_LAYOUT, format_of, load_config, needs_translation
+from .formats.weights import read_config_dict, write_native_folder
 from .generation.drafting import DSparkGenerationMixin
 from .heads import ConfidenceHead, build_markov_head
 from .hub.model_card import DSparkHubMixin
@@ -256,7 +257,8 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         verifier: PreTrainedModel | str | os.PathLike | None = None,
         **kwargs,
     ):
-        """Load a native, DeepSpec or speculators checkpoint; safetensors only (pickled weights are refused).
+        """Load a checkpoint in any layout of `dspark_hf.formats` (native, DeepSpec's, speculators'), detected
+        from its config.json; safetensors only (pickled weights are refused).
 
         speculators checkpoints omit the copies of the target's embedding (and LM head): they are taken from
         `verifier` (the target model, or its folder / Hub id), by default the verifier the checkpoint records.
@@ -272,17 +274,23 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
                     "dspark_hf loads safetensors checkpoints only. Convert them with safetensors first."
                 )
         kwargs["use_safetensors"] = True
-        if needs_translation(read_config_dict(path)):
+        config_dict = read_config_dict(path)
+        if needs_translation(config_dict):
             if not os.path.isdir(path):
                 path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
             with tempfile.TemporaryDirectory() as native_dir:
-                write_native_folder(path, native_dir, verifier)
+                write_native_folder(path, native_dir, load_config(path), verifier)
                 loaded = super().from_pretrained(native_dir, *args, **kwargs)
             model = loaded[0] if isinstance(loaded, tuple) else loaded
             model.name_or_path = model.config._name_or_path = str(pretrained_model_name_or_path)
         else:
+            translated = format_of(config_dict).name != NATIVE_LAYOUT
+            if translated and "config" not in kwargs:
+                kwargs["config"] = load_config(path)  # another layout's config over native tensors
             loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
             model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+            if translated:
+                model.name_or_path = model.config._name_or_path = path
         model._own_loaded_tensors()
         model.freeze_target_copies()
         return loaded

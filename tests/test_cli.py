@@ -15,7 +15,7 @@ import dspark_hf.reference.onpolicy
 import dspark_hf.reference.quickstart
 import dspark_hf.training.workflow
 from dspark_hf.cli import main
-from dspark_hf.formats.convert import detect_layout
+from dspark_hf.formats.registry import detect_layout
 
 FIXTURE = Path(__file__).parent / "fixtures" / "deepspec_vanilla_conf"
 COMMANDS = ["train", "quickstart", "data", "calibrate", "convert", "check", "push"]

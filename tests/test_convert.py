@@ -11,7 +11,8 @@ from transformers import AutoModel, PreTrainedConfig
 
 import dspark_hf
 from dspark_hf.cli import main
-from dspark_hf.formats.convert import convert_checkpoint, detect_layout
+from dspark_hf.formats.convert import convert_checkpoint
+from dspark_hf.formats.registry import detect_layout
 
 FIXTURE = Path(__file__).parent / "fixtures" / "deepspec_vanilla_conf"
 # The exporter writes Qwen3's sliding-window field as the drafter's depth (DSpark never uses sliding windows),

@@ -11,6 +11,7 @@ import transformers
 from conftest import make_tiny_drafter, make_tiny_target
 
 from dspark_hf import DSparkConfig, DSparkForCausalLM
+from dspark_hf.formats.deepspec import deepspec_config_dict
 from dspark_hf.generation.drafting import check_transformers_version
 from dspark_hf.heads import GatedMarkovHead, RNNMarkovHead
 from dspark_hf.scheduling.calibration import record_calibration_rounds
@@ -691,7 +692,7 @@ def test_cost_profile_is_saved_with_the_drafter_and_not_exported(tmp_path, llama
     assert drafter.cost_profile == profile
     drafter.save_pretrained(tmp_path / "drafter")
     assert DSparkForCausalLM.from_pretrained(tmp_path / "drafter").cost_profile == profile
-    assert "target_cost_profile" not in drafter.config.to_deepspec_dict()
+    assert "target_cost_profile" not in deepspec_config_dict(drafter.config)
     drafter.set_cost_profile(None)
     assert drafter.cost_profile is None
     with pytest.raises(ValueError, match="target_cost_profile"):

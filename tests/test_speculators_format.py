@@ -5,17 +5,21 @@ virtual environment: benchmarks/speculators_check.sh. These tests pin down our s
 """
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_tiny_drafter, make_tiny_target
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 from dspark_hf import DSparkConfig, DSparkForCausalLM, export_deepspec, export_speculators
 from dspark_hf.cli import main
-from dspark_hf.formats.convert import convert_checkpoint, detect_layout
+from dspark_hf.formats.convert import convert_checkpoint
+from dspark_hf.formats.registry import detect_layout, load_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "deepspec_vanilla_conf"
 DRAFT_IDS = [0, 3, 17, 40, 63, 90, 127]
@@ -149,15 +153,52 @@ def test_deepspec_export_carries_the_sub_vocabulary(target, tmp_path):
         assert torch.equal(ours, theirs)
 
 
-def test_auto_classes_load_speculators_and_deepspec_folders(target, tmp_path):
+# What `AutoConfig.from_pretrained` gives for each folder in argv: the config's class, or the exception.
+AUTO_CONFIG_OUTCOMES = """
+import json, sys
+from transformers import AutoConfig
+outcomes = []
+for folder in sys.argv[1:]:
+    try:
+        outcomes.append(type(AutoConfig.from_pretrained(folder)).__name__)
+    except Exception as err:
+        outcomes.append(f"{type(err).__name__}: {err}")
+print(json.dumps(outcomes))
+"""
+
+
+def auto_config_outcomes(folders: list[Path], import_dspark_hf: bool) -> list[str]:
+    script = ("import dspark_hf\n" if import_dspark_hf else "") + AUTO_CONFIG_OUTCOMES
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run(
+        [sys.executable, "-c", script, *map(str, folders)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_foreign_layouts_load_explicitly_and_auto_config_is_left_alone(target, tmp_path):
+    """DeepSpec's config.json names another model type (qwen3) and speculators' none, and transformers has no
+    hook for them: `import dspark_hf` leaves `AutoConfig` as it is, and `DSparkForCausalLM.from_pretrained` /
+    `load_config` load them."""
     export_speculators(make_drafter(target, "gated"), tmp_path / "spec")
-    assert isinstance(AutoConfig.from_pretrained(tmp_path / "spec"), DSparkConfig)
-    model = AutoModel.from_pretrained(tmp_path / "spec")
+    assert isinstance(load_config(tmp_path / "spec"), DSparkConfig)
+    assert isinstance(load_config(FIXTURE), DSparkConfig)
+    model = DSparkForCausalLM.from_pretrained(tmp_path / "spec")
     assert isinstance(model, DSparkForCausalLM) and model.config.markov_head_type == "gated"
     assert model.name_or_path == str(tmp_path / "spec")
-    assert isinstance(AutoModel.from_pretrained(FIXTURE), DSparkForCausalLM)
-    # other checkpoints route as before
-    assert type(AutoConfig.from_pretrained(target[1])).__name__ == "LlamaConfig"
+    assert DSparkForCausalLM.from_pretrained(FIXTURE).name_or_path == str(FIXTURE)
+
+    native = tmp_path / "native"
+    make_drafter(target).save_pretrained(native)
+    foreign = [FIXTURE, tmp_path / "spec", target[1]]
+    with_package = auto_config_outcomes([*foreign, native], import_dspark_hf=True)
+    assert with_package[:-1] == auto_config_outcomes(foreign, import_dspark_hf=False)
+    assert with_package[0] == "Qwen3Config" and with_package[-1] == "DSparkConfig"
+    assert not hasattr(AutoConfig.from_pretrained.__func__, "__wrapped__")
 
 
 def _edit_config(folder: Path, **updates) -> Path:

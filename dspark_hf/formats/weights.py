@@ -1,4 +1,4 @@
-"""Which tensors each checkpoint layout stores, shared by the DeepSpec and speculators formats.
+"""Which tensors each checkpoint layout stores, shared by the serving formats.
 
 All three layouts (native, DeepSpec, speculators) use dspark_hf's parameter names. They differ in what they
 keep: speculators omits the copies of the target's embedding and (for a full vocabulary) of its LM head,
@@ -13,21 +13,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
-from ..configuration_dspark import DSparkConfig, deepspec_to_native_dict, speculators_to_native_dict
-
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from ..configuration_dspark import DSparkConfig
+
 logger = logging.get_logger(__name__)
 
-Layout = Literal["native", "deepspec", "speculators"]
 # Tensors with one row per vocabulary entry that a serving format restricts to the draft vocabulary.
 DRAFT_ROW_WEIGHTS = ("lm_head.weight", "markov_head.markov_w2.weight")
 # Copies of the target's tensors (frozen in the drafter).
@@ -134,25 +133,6 @@ def read_config_dict(path: str | os.PathLike, **kwargs) -> dict:
     return PreTrainedConfig.get_config_dict(str(path), **kwargs)[0]
 
 
-def config_layout(config_dict: dict) -> Layout:
-    """`"native"`, `"deepspec"` or `"speculators"`; a ValueError says what is wrong with any other config."""
-    if config_dict.get("model_type") == DSparkConfig.model_type:
-        return "native"
-    if "speculators_model_type" in config_dict:
-        speculators_to_native_dict(config_dict)  # raises for other algorithms and unsupported layouts
-        return "speculators"
-    deepspec_to_native_dict(config_dict)  # raises for layouts that are not (supported) DSpark drafters
-    return "deepspec"
-
-
-def needs_translation(config_dict: dict) -> bool:
-    """Whether a checkpoint's tensors differ from the native state dict (beyond the config)."""
-    layout = config_layout(config_dict)
-    return layout == "speculators" or (
-        layout == "deepspec" and config_dict.get("draft_vocab_size") is not None
-    )
-
-
 def load_folder_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a folder's safetensors files."""
     files = sorted(Path(folder).glob("*.safetensors"))
@@ -188,14 +168,15 @@ def target_copy_tensors(verifier: PreTrainedModel | str | os.PathLike) -> dict[s
 def write_native_folder(
     src: str | os.PathLike,
     dst: str | os.PathLike,
+    config: DSparkConfig,
     verifier: PreTrainedModel | str | os.PathLike | None = None,
 ) -> Path:
-    """Write the DeepSpec or speculators checkpoint `src` as a native folder (config.json, model.safetensors).
+    """Write the checkpoint folder `src`, whose config translates to `config`, as a native folder
+    (config.json, model.safetensors).
 
     `verifier` defaults to the target the checkpoint records (speculators' `verifier.name_or_path`) when that
     is needed and resolvable.
     """
-    config = DSparkConfig.from_pretrained(src)
     tensors = load_folder_tensors(src)
     needs_copies = any(name not in tensors for name in TARGET_COPY_WEIGHTS) or "d2t" in tensors
     if verifier is None and needs_copies and config.target_model_name_or_path:
@@ -212,15 +193,12 @@ def write_native_folder(
 
 
 __all__ = [
-    "Layout",
     "vocab_mappings",
     "draft_vocab_from_mappings",
     "serving_state_dict",
     "write_serving_folder",
     "native_state_dict",
     "read_config_dict",
-    "config_layout",
-    "needs_translation",
     "load_folder_tensors",
     "target_copy_tensors",
     "write_native_folder",

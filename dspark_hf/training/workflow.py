@@ -13,7 +13,7 @@ from typing import Any
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from ..formats.convert import detect_layout
+from ..formats.registry import NATIVE_LAYOUT, detect_layout
 from ..heads import MARKOV_HEADS
 from ..modeling_dspark import DSparkForCausalLM
 from ..reference.benchmarking import encode_chat_prompt
@@ -214,7 +214,7 @@ def _calibration_output(drafter: str, output_dir: str | None) -> tuple[Path, boo
     output = Path(output_dir or drafter)
     in_place = output.resolve() == Path(drafter).resolve()
     layout = detect_layout(drafter)
-    if in_place and layout != "native":
+    if in_place and layout != NATIVE_LAYOUT:
         raise ValueError(
             f"the drafter folder is in the {layout} layout, which the calibration would overwrite with a "
             "native config; pass --output-dir to save a native copy."
