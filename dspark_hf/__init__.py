@@ -11,7 +11,8 @@ from .check import DrafterCheckReport, check_drafter
 from .configuration_dspark import DSparkConfig
 from .formats.deepspec import export_deepspec
 from .formats.speculators import export_speculators
-from .generation.drafting import DSparkGenerationMixin, DSparkGenerationStats
+from .generation.drafting import DSparkGenerationMixin
+from .generation.target_tap import DSparkGenerationStats
 from .modeling_dspark import DSparkForCausalLM, DSparkOutput
 from .training.arguments import DSparkTrainingArguments
 from .training.loss import DSparkLossOutput, dspark_loss

@@ -418,4 +418,4 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         )
 
 
-__all__ = ["DSparkForCausalLM", "DSparkPreTrainedModel", "DSparkOutput", "DSparkContextCache"]
+__all__ = ["DSparkForCausalLM", "DSparkPreTrainedModel", "DSparkOutput", "reserved_mask_token_id"]

@@ -121,3 +121,25 @@ def test_the_readme_layout_lists_every_module_and_subpackage():
     modules = [m if m == "__init__.py" else m.removesuffix("__init__.py") for m in modules]
     folders = [f"{path.name}/" for path in PACKAGE.iterdir() if path.is_dir() and path.name != "__pycache__"]
     assert sorted(_readme_layout()) == sorted(set(modules) | set(folders))
+
+
+def test_no_module_reexports_another_modules_names():
+    """Each public name has one home: a module's `__all__` lists only what it defines itself. The package root
+    is the one place that gathers the public API."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "__init__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        defined, exported = set(), []
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, ast.Assign):
+                defined.update(t.id for t in node.targets if isinstance(t, ast.Name))
+                if any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+                    exported = [ast.literal_eval(e) for e in node.value.elts]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                defined.add(node.target.id)
+        offenders += [f"{path.relative_to(PACKAGE)}: {n}" for n in exported if n not in defined]
+    assert offenders == []

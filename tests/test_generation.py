@@ -12,7 +12,7 @@ from conftest import make_tiny_drafter, make_tiny_target
 
 from dspark_hf import DSparkConfig, DSparkForCausalLM
 from dspark_hf.formats.deepspec import deepspec_config_dict
-from dspark_hf.generation.drafting import check_transformers_version
+from dspark_hf.generation.target_tap import check_transformers_version
 from dspark_hf.heads import GatedMarkovHead, RNNMarkovHead
 from dspark_hf.scheduling.calibration import record_calibration_rounds
 from dspark_hf.scheduling.cost_profile import CostProfile

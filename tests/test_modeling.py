@@ -18,7 +18,7 @@ from transformers import (
 
 import dspark_hf
 from dspark_hf import DSparkConfig, DSparkForCausalLM, export_deepspec
-from dspark_hf.modeling_dspark import DSparkContextCache
+from dspark_hf.context_cache import DSparkContextCache
 
 FIXTURE = Path(__file__).parent / "fixtures" / "deepspec_vanilla_conf"
 

@@ -29,8 +29,6 @@ from ..scheduling.calibration import apply_temperatures
 from ..scheduling.cost_profile import CostProfile
 from ..scheduling.schedulers import CausalPrefixScheduler
 from .target_tap import (
-    MAX_TRANSFORMERS_VERSION,
-    MIN_TRANSFORMERS_VERSION,
     DSparkGenerationStats,
     RoundLog,
     TargetTap,
@@ -453,11 +451,4 @@ class DSparkGenerationMixin(GenerationMixin):
         return tuple(scores)
 
 
-__all__ = [
-    "DSparkGenerationMixin",
-    "DSparkGenerationStats",
-    "VERIFICATION_OPTIONS",
-    "MIN_TRANSFORMERS_VERSION",
-    "MAX_TRANSFORMERS_VERSION",
-    "check_transformers_version",
-]
+__all__ = ["DSparkGenerationMixin", "VERIFICATION_OPTIONS"]

@@ -11,16 +11,7 @@ import os
 from huggingface_hub import CommitInfo
 
 from ..modeling_dspark import DSparkForCausalLM
-from .model_card import (
-    CARD_METADATA_KEY,
-    CARD_TAGS,
-    HUB_FILE_PATTERNS,
-    MODEL_CARD_TEMPLATE,
-    DSparkHubMixin,
-    read_card_metadata,
-    render_model_card,
-    write_model_card,
-)
+from .model_card import read_card_metadata
 
 
 def push_folder(
@@ -50,14 +41,4 @@ def push_folder(
     )
 
 
-__all__ = [
-    "CARD_METADATA_KEY",
-    "CARD_TAGS",
-    "HUB_FILE_PATTERNS",
-    "DSparkHubMixin",
-    "render_model_card",
-    "write_model_card",
-    "read_card_metadata",
-    "push_folder",
-    "MODEL_CARD_TEMPLATE",
-]
+__all__ = ["push_folder"]

@@ -638,6 +638,5 @@ __all__ = [
     "block_label_mask",
     "build_blocks",
     "check_dataset",
-    "check_target_compatibility",
     "sample_anchors",
 ]
