@@ -178,7 +178,7 @@ def test_tau_matches_an_independent_count(monkeypatch):
     assert max(stats.drafted) == 2
 
     drafter.detach_target()  # releases the target's cache, keeps the statistics
-    assert drafter.last_stats.accepted == stats.accepted and drafter._round_log.cache is None
+    assert drafter.last_stats.accepted == stats.accepted and drafter._request.log.cache is None
 
 
 def test_eos_stops_generation_identically(monkeypatch):

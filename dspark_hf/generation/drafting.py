@@ -60,6 +60,15 @@ class _DraftingWeights:
     vocab_ids: torch.Tensor | None  # [K], None for the full vocabulary
 
 
+@dataclass
+class _Request:
+    """The target `generate` call the drafter is serving (one call to `generate` per round): the log of its
+    rounds, and the ids its drafts are drawn from (None: the full vocabulary)."""
+
+    log: RoundLog
+    vocab_ids: torch.Tensor | None
+
+
 class _DraftContext:
     """The drafter's cache of projected target context: positions [0, end) of the sequence `ids`."""
 
@@ -102,9 +111,8 @@ class DSparkGenerationMixin(GenerationMixin):
 
     _target_tap: TargetTap | None = None
     _draft_context: _DraftContext | None = None
-    _round_log: RoundLog | None = None
+    _request: _Request | None = None
     _drafting_weights_cache: _DraftingWeights | None = None
-    _request_vocab_ids: torch.Tensor | None = None
 
     def attach_target(self, target: PreTrainedModel) -> DSparkGenerationMixin:
         """Install the feature hooks on `target` (replacing any previous target) and return the drafter."""
@@ -118,8 +126,8 @@ class DSparkGenerationMixin(GenerationMixin):
         """Remove the hooks from the attached target and forget its context; `last_stats` stays readable."""
         if self._target_tap is not None:
             self._target_tap.remove()
-        if self._round_log is not None:
-            self._round_log.close()
+        if self._request is not None:
+            self._request.log.close()
         self._target_tap = None
         self._draft_context = None
 
@@ -163,7 +171,7 @@ class DSparkGenerationMixin(GenerationMixin):
     @property
     def last_stats(self) -> DSparkGenerationStats | None:
         """Statistics of the latest target `generate` that used this drafter (None before the first)."""
-        return None if self._round_log is None else self._round_log.stats(self.config.block_size)
+        return None if self._request is None else self._request.log.stats(self.config.block_size)
 
     @torch.no_grad()
     def generate(
@@ -199,14 +207,15 @@ class DSparkGenerationMixin(GenerationMixin):
         threshold, scheduler, record = self._verification_options()
 
         start_time = time.perf_counter()
-        self._follow_generation(generation_config, input_ids[0], record)
+        request = self._follow_generation(generation_config, input_ids[0], record)
         block_size = self.config.block_size
         limit = block_size if max_new_tokens is None else min(max_new_tokens, block_size)
         sequences, scores = input_ids, ()
         if limit > 0:
-            sequences, scores = self._draft_block(
+            sequences, scores, confidence_logits = self._draft_block(
                 input_ids,
                 limit,
+                request,
                 LogitsProcessorList(logits_processor or []),
                 do_sample=bool(generation_config.do_sample),
                 eos_token_id=generation_config.eos_token_id,
@@ -215,7 +224,8 @@ class DSparkGenerationMixin(GenerationMixin):
                 scheduler=scheduler,
                 record=record,
             )
-        self._round_log.draft_time += time.perf_counter() - start_time
+            request.log.record_draft(confidence_logits)
+        request.log.draft_time += time.perf_counter() - start_time
         if not generation_config.return_dict_in_generate:
             return sequences
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores)
@@ -237,29 +247,32 @@ class DSparkGenerationMixin(GenerationMixin):
 
     def _follow_generation(
         self, generation_config: GenerationConfig, sequence: torch.Tensor, record: bool
-    ) -> None:
-        """Open a new round log when this call starts another target `generate`: assisted generation passes
-        the same config object every round, and a new copy per `generate` call."""
-        if self._round_log is not None and self._round_log.generation_key is generation_config:
-            return
-        if self._round_log is not None:
-            self._round_log.close()
-        self._round_log = RoundLog(generation_config, record_confidence=record)
-        self._target_tap.rounds = self._round_log
-        self._request_vocab_ids = self.draft_vocab_for(sequence)
+    ) -> _Request:
+        """The request this round belongs to, a new one when this call starts another target `generate`:
+        assisted generation passes the same config object every round, and a new copy per `generate` call."""
+        if self._request is not None and self._request.log.generation_key is generation_config:
+            return self._request
+        if self._request is not None:
+            self._request.log.close()
+        self._request = _Request(
+            RoundLog(generation_config, record_confidence=record), self.draft_vocab_for(sequence)
+        )
+        self._target_tap.rounds = self._request.log
+        return self._request
 
     def _draft_block(
         self,
         input_ids: torch.LongTensor,
         limit: int,
+        request: _Request,
         logits_processor: LogitsProcessorList,
         record: bool,
         **picking: Any,
-    ) -> tuple[torch.LongTensor, tuple[torch.Tensor, ...]]:
-        """`input_ids` followed by up to `limit` draft tokens, and the logits each was drawn from; `picking`
-        are the options of `_pick_block_tokens`. Files the block's confidences with the round log."""
+    ) -> tuple[torch.LongTensor, tuple[torch.Tensor, ...], list[float] | None]:
+        """`input_ids` followed by up to `limit` draft tokens, the logits each was drawn from, and (with
+        `record`) the raw confidence logit of each; `picking` are the options of `_pick_block_tokens`."""
         features, positions, complete = self._sync_context(input_ids[0])
-        if not complete and self._round_log.prefilled:
+        if not complete and request.log.prefilled:
             logger.warning_once(
                 "The target's hidden states of some committed positions were never observed (was the "
                 "target given a pre-filled cache?); drafting one token per round."
@@ -267,14 +280,20 @@ class DSparkGenerationMixin(GenerationMixin):
         num_tokens = limit if complete else 1
         sequences = input_ids.new_empty(1, input_ids.shape[1] + num_tokens)
         sequences[:, : input_ids.shape[1]] = input_ids
-        hidden, logits = self._block_forward(input_ids, features, positions)
+        weights = self._drafting_weights(request.vocab_ids)
+        hidden, logits = self._block_forward(input_ids, features, positions, weights)
         confidence_log = [] if record else None
         scores = self._pick_block_tokens(
-            sequences, num_tokens, hidden, logits, logits_processor, confidence_log=confidence_log, **picking
+            sequences,
+            num_tokens,
+            hidden,
+            logits,
+            weights,
+            logits_processor,
+            confidence_log=confidence_log,
+            **picking,
         )
-        if record:
-            self._round_log.pending_confidence = confidence_log
-        return sequences[:, : input_ids.shape[1] + len(scores)], scores
+        return sequences[:, : input_ids.shape[1] + len(scores)], scores, confidence_log
 
     def _verification_options(self) -> tuple[float, CausalPrefixScheduler | None, bool]:
         """The confidence threshold, a fresh scheduler (None when scheduling is off) and whether to record
@@ -345,8 +364,9 @@ class DSparkGenerationMixin(GenerationMixin):
             return vocab_ids
         return torch.cat([vocab_ids, prompt_ids.to(vocab_ids.device)]).unique()
 
-    def _drafting_weights(self) -> _DraftingWeights:
-        vocab_ids = self._request_vocab_ids
+    def _drafting_weights(self, vocab_ids: torch.Tensor | None) -> _DraftingWeights:
+        """The drafting loop's projections over `vocab_ids` (None: the full vocabulary), cached while the
+        weights and the ids stay the same."""
         markov_w2 = None if self.markov_head is None else self.markov_head.markov_w2.weight
         sources = [t for t in (self.lm_head.weight, markov_w2, vocab_ids) if t is not None]
         # Inference tensors (made under torch.inference_mode) have no version counter and cannot change.
@@ -365,7 +385,11 @@ class DSparkGenerationMixin(GenerationMixin):
         return cached
 
     def _block_forward(
-        self, input_ids: torch.LongTensor, features: torch.Tensor, positions: torch.Tensor
+        self,
+        input_ids: torch.LongTensor,
+        features: torch.Tensor,
+        positions: torch.Tensor,
+        weights: _DraftingWeights,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One backbone forward over [anchor, masks] that also pushes the new context features.
 
@@ -382,7 +406,7 @@ class DSparkGenerationMixin(GenerationMixin):
             torch.cat([positions, block_positions]).unsqueeze(0),
             context_cache=self._draft_context.cache,
         )[0]
-        return hidden, hidden.float() @ self._drafting_weights().lm_head
+        return hidden, hidden.float() @ weights.lm_head
 
     def _pick_block_tokens(
         self,
@@ -390,6 +414,7 @@ class DSparkGenerationMixin(GenerationMixin):
         num_tokens: int,
         hidden: torch.Tensor,
         logits: torch.Tensor,
+        weights: _DraftingWeights,
         logits_processor: LogitsProcessorList,
         do_sample: bool,
         eos_token_id: int | list[int] | None,
@@ -412,7 +437,6 @@ class DSparkGenerationMixin(GenerationMixin):
         eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
         temperatures = self.config.confidence_temperatures
         head = self.markov_head
-        weights = self._drafting_weights()
         prev = sequences[0, length - 1 : length]
         state = None if head is None else head.init_state(hidden[:1])
         use_confidence = threshold > 0 or scheduler is not None or confidence_log is not None

@@ -239,8 +239,8 @@ class RoundLog:
     Before every verification forward the target cache holds all committed tokens but the last, so its length
     gives the committed length; after the last round it is cropped to the final length minus one. The cache is
     held until `close()` (the next generation or `detach_target`) to read that final length. With
-    `record_confidence`, the confidence logits the drafter leaves in `pending_confidence` are filed under the
-    round whose forward verifies them.
+    `record_confidence`, the confidence logits of each draft (`record_draft`) are filed under the round whose
+    forward verifies it.
     """
 
     def __init__(self, generation_key: object, record_confidence: bool = False):
@@ -251,20 +251,25 @@ class RoundLog:
         self.committed: list[int] = []
         self.drafted: list[int] = []
         self.confidence_logits: list[list[float]] | None = [] if record_confidence else None
-        self.pending_confidence: list[float] = []
+        self._pending_confidence: list[float] = []
         self.draft_time = 0.0
         self.start_time = self.end_time = time.perf_counter()
 
     def on_forward(self, cache: Any, past_length: int, num_inputs: int) -> None:
         if not self.prefilled:  # the prefill forward of this generation
             self.prefilled, self.cache = True, cache
-            self.pending_confidence = []
+            self._pending_confidence = []
         elif cache is not None and cache is self.cache:
             self.committed.append(past_length + 1)
             self.drafted.append(num_inputs - 1)
             if self.confidence_logits is not None:
-                self.confidence_logits.append(self.pending_confidence)
-            self.pending_confidence = []
+                self.confidence_logits.append(self._pending_confidence)
+            self._pending_confidence = []
+
+    def record_draft(self, confidence_logits: list[float] | None) -> None:
+        """Note the raw confidence logits of the draft the next verification forward checks (None: not
+        recorded)."""
+        self._pending_confidence = list(confidence_logits or [])
 
     def on_forward_end(self, cache: Any) -> None:
         if cache is not None and cache is self.cache:
