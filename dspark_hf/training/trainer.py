@@ -272,7 +272,7 @@ class DSparkTrainer(Trainer):
         self._target_lm_head = unwrapped_target.get_output_embeddings()
         self._drafter_config = self.accelerator.unwrap_model(self.model).config
         # Per mode ("train"/"eval"): running sums of metric numerators and denominators since the last log.
-        self._metric_sums: dict[str, torch.Tensor] = {}
+        self._metric_sums: dict[str, dict[str, torch.Tensor]] = {}
 
     # ---- wall-clock budget -------------------------------------------------------------------------------
 
@@ -473,40 +473,38 @@ class DSparkTrainer(Trainer):
     # ---- metrics -----------------------------------------------------------------------------------------
 
     def _accumulate_metrics(self, result: DSparkLossOutput, mode: str) -> None:
+        """Add the batch's weighted loss terms and per-position acceptance, summed over processes, to the
+        running sums of `mode`."""
         weight = result.weight_sum.detach()
         confidence = result.confidence_loss
-        stats = torch.cat(
-            [
-                torch.stack(
-                    [
-                        result.ce_loss.detach() * weight,
-                        result.l1_loss.detach() * weight,
-                        torch.zeros_like(weight) if confidence is None else confidence.detach() * weight,
-                        weight,
-                    ]
-                ),
-                torch.nan_to_num(result.acceptance) * result.position_count,
-                result.position_count.to(weight.dtype),
-            ]
-        )
-        stats = self.accelerator.reduce(stats, reduction="sum").double().cpu()
-        self._metric_sums[mode] = stats + self._metric_sums.get(mode, 0)
+        batch = {
+            "ce_loss": result.ce_loss.detach() * weight,
+            "l1_loss": result.l1_loss.detach() * weight,
+            "confidence_loss": torch.zeros_like(weight)
+            if confidence is None
+            else confidence.detach() * weight,
+            "weight": weight,
+            "accepted": torch.nan_to_num(result.acceptance) * result.position_count,
+            "positions": result.position_count.to(weight.dtype),
+        }
+        batch = self.accelerator.reduce(batch, reduction="sum")
+        sums = self._metric_sums.setdefault(mode, {})
+        for name, value in batch.items():
+            sums[name] = value.double().cpu() + sums.get(name, 0)
 
-    def _summarise_metrics(self, sums: torch.Tensor) -> dict[str, float]:
+    def _summarise_metrics(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         """Loss terms, per-position acceptance and expected tau = 1 + sum_k prod_{i<=k} acceptance_i."""
-        ce, l1, confidence, weight = sums[:4].tolist()
-        block_size = (sums.numel() - 4) // 2
-        accepted, counts = sums[4 : 4 + block_size], sums[4 + block_size :]
+        weight = float(sums["weight"])
         if weight == 0:
             return {}
-        metrics = {"ce_loss": ce / weight, "l1_loss": l1 / weight}
+        metrics = {"ce_loss": float(sums["ce_loss"]) / weight, "l1_loss": float(sums["l1_loss"]) / weight}
         if self._drafter_config.enable_confidence_head:
-            metrics["confidence_loss"] = confidence / weight
+            metrics["confidence_loss"] = float(sums["confidence_loss"]) / weight
         acceptance = []
-        for k in range(block_size):
-            if counts[k] == 0:
+        for accepted, count in zip(sums["accepted"].tolist(), sums["positions"].tolist()):
+            if count == 0:
                 break
-            acceptance.append(float(accepted[k] / counts[k]))
+            acceptance.append(accepted / count)
         metrics.update({f"acceptance_{k + 1}": rate for k, rate in enumerate(acceptance)})
         metrics["expected_tau"] = expected_tau(acceptance)
         return metrics
