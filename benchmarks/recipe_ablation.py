@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from dspark_hf.reference.quickstart import QuickstartOptions, held_out_acceptance, train_drafter
+from dspark_hf.reference.quickstart import QuickstartOptions, held_out_acceptance, train_quickstart_drafter
 from dspark_hf.reference.target import load_reference_target
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ablation"
@@ -57,7 +57,7 @@ def run_variant(name: str, minutes: float, threads: int) -> dict:
     options = dataclasses.replace(options, **VARIANTS[name])
     target, tokenizer = load_reference_target(dtype=torch.bfloat16 if options.bf16 else torch.float32)
     started = time.perf_counter()
-    drafter, trainer = train_drafter(target, tokenizer, options)
+    drafter, trainer = train_quickstart_drafter(target, tokenizer, options)
     trained = time.perf_counter() - started
     drafter.save_pretrained(Path(options.output_dir) / "drafter")
     result = {

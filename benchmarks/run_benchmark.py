@@ -287,7 +287,7 @@ class Benchmark:
             self.drafters["dspark"] = load_drafter(args.drafter, self.target, markov_rank=64, seed=args.seed)
         if "dspark_scheduled" in self.methods and self.drafters["dspark"].cost_profile is None:
             self.skipped["dspark_scheduled"] = (
-                "the drafter has no cost profile (run dspark calibrate --profile-cost)."
+                "the drafter has no cost profile (run dspark calibrate --profile_cost)."
             )
             self.methods.remove("dspark_scheduled")
         if "dflash" in self.methods:

@@ -1,11 +1,61 @@
-"""The `dspark` command line. Each subcommand is `_add_<name>_command(subparsers)`, which declares its flags,
-and `_run_<name>(args)`, which runs it (the work itself lives in library functions)."""
+"""The `dspark` command line.
+
+Every subcommand's arguments are dataclass fields parsed by transformers' `HfArgumentParser`, spelled with
+underscores (`--max_new_tokens`; the dashed spelling is accepted too). A subcommand is its dataclasses plus
+`_run_<name>(args)`, which calls the library function that does the work.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
+
+
+class _CommandParser(HfArgumentParser):
+    """`HfArgumentParser` in which a dataclass field with `positional` in its metadata is a positional
+    argument (`dspark convert SRC DST`) rather than a `--flag`."""
+
+    @staticmethod
+    def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+        if not field.metadata.get("positional"):
+            HfArgumentParser._parse_dataclass_field(parser, field)
+            return
+        options = {k: v for k, v in field.metadata.items() if k != "positional"}
+        parser.add_argument(field.name, type=field.type, **options)
+
+
+def _positional(help: str) -> dataclasses.Field:
+    return field(metadata={"positional": True, "help": help})
+
+
+def _subcommand_parser(dataclass_types=(), **kwargs) -> _CommandParser:
+    return _CommandParser(dataclass_types, **kwargs)
+
+
+def _dataclass_from_args(options: type, args: argparse.Namespace, **overrides):
+    """The dataclass `options` from the parsed flags; `overrides` replace flags."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(options) if f.init}
+    return options(**{**values, **overrides})
+
+
+# ---- dspark push -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PushArguments:
+    folder: str = _positional("Drafter folder (any layout dspark_hf loads; published in the native one).")
+    repo_id: str = _positional("Hub repo id, e.g. my-org/dspark-qwen3-4b.")
+    private: bool = field(default=False, metadata={"help": "Create the repo as private."})
+    results: str | None = field(
+        default=None,
+        metadata={
+            "help": 'JSON file of measured results for the card: {"<dataset>": {"tau": ..., "speedup": ...}, '
+            '"command": "..."}.'
+        },
+    )
 
 
 def _run_push(args: argparse.Namespace) -> None:
@@ -14,71 +64,72 @@ def _run_push(args: argparse.Namespace) -> None:
 
     from .hub.push import push_folder
 
-    results = json.loads(Path(args.results).read_text()) if args.results else None
+    options = _dataclass_from_args(PushArguments, args)
+    results = json.loads(Path(options.results).read_text()) if options.results else None
     try:
-        commit = push_folder(args.folder, args.repo_id, private=args.private or None, results=results)
+        commit = push_folder(
+            options.folder, options.repo_id, private=options.private or None, results=results
+        )
     except ValueError as err:
         raise SystemExit(f"dspark push: {err}") from err
-    print(f"Published {args.folder} to {commit.repo_url.url} ({commit.commit_url})")
+    print(f"Published {options.folder} to {commit.repo_url.url} ({commit.commit_url})")
 
 
-def _add_push_command(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "push",
-        help="Publish a drafter folder to the Hugging Face Hub with its model card (safetensors files only).",
+# ---- dspark convert ----------------------------------------------------------------------------------------
+
+
+def _layouts() -> list[str]:
+    from .formats.registry import LAYOUTS
+
+    return list(LAYOUTS)
+
+
+@dataclass
+class ConvertArguments:
+    src: str = _positional("Drafter folder to convert.")
+    dst: str = _positional("Output folder.")
+    format: str | None = field(
+        default=None,
+        metadata={
+            "help": "Output layout (default: deepspec for a native folder, native for the others).",
+            "choices": _layouts(),
+            "aliases": ["--to"],
+        },
     )
-    parser.add_argument(
-        "folder", help="Drafter folder (native, DeepSpec or speculators layout; published in the native one)."
+    verifier: str | None = field(
+        default=None,
+        metadata={
+            "help": "Target model folder or Hub id: recorded as the verifier of a speculators export, and "
+            "the source of the embedding / LM head a speculators checkpoint omits (default: the drafter's "
+            "recorded target)."
+        },
     )
-    parser.add_argument("repo_id", help="Hub repo id, e.g. my-org/dspark-qwen3-4b.")
-    parser.add_argument("--private", action="store_true", help="Create the repo as private.")
-    parser.add_argument(
-        "--results",
-        help='JSON file of measured results for the card: {"<dataset>": {"tau": ..., "speedup": ...}, '
-        '"command": "..."}.',
-    )
-    parser.set_defaults(func=_run_push)
 
 
 def _run_convert(args: argparse.Namespace) -> None:
     from .formats.convert import convert_checkpoint
     from .formats.registry import detect_layout, get_format, load_config
 
+    options = _dataclass_from_args(ConvertArguments, args)
     try:
-        dst = convert_checkpoint(args.src, args.dst, to=args.format, verifier=args.verifier)
+        dst = convert_checkpoint(options.src, options.dst, to=options.format, verifier=options.verifier)
     except ValueError as err:
         raise SystemExit(f"dspark convert: {err}") from err
     written = get_format(detect_layout(dst))
     print(f"Wrote the {written.name}-layout checkpoint to {dst}.\n")
     print(f"transformers: {written.loading_instruction(dst)}\n")
-    served = dst if written.served_by_engines else args.src
+    served = dst if written.served_by_engines else options.src
     print(get_format(detect_layout(served)).serving_instructions(load_config(dst), served))
 
 
-def _add_convert_command(subparsers) -> None:
-    from .formats.registry import LAYOUTS
+# ---- dspark check ------------------------------------------------------------------------------------------
 
-    parser = subparsers.add_parser(
-        "convert",
-        help="Convert a drafter between the native layout, DeepSpec's (served by vLLM and SGLang) and "
-        "speculators' (served by vLLM).",
-    )
-    parser.add_argument("src", help="Drafter folder to convert.")
-    parser.add_argument("dst", help="Output folder.")
-    parser.add_argument(
-        "--format",
-        "--to",
-        dest="format",
-        choices=list(LAYOUTS),
-        help="Output layout (default: deepspec for a native folder, native for the others).",
-    )
-    parser.add_argument(
-        "--verifier",
-        help="Target model folder or Hub id: recorded as the verifier of a speculators export, and the "
-        "source of the embedding / LM head a speculators checkpoint omits (default: the drafter's "
-        "recorded target).",
-    )
-    parser.set_defaults(func=_run_convert)
+
+@dataclass
+class CheckArguments:
+    target: str = _positional("Target model folder or Hub id (with its tokenizer).")
+    drafter: str = _positional("Drafter folder or Hub id (any layout dspark_hf loads).")
+    max_new_tokens: int = field(default=32, metadata={"help": "Greedy target tokens per probe prompt."})
 
 
 def _run_check(args: argparse.Namespace) -> None:
@@ -87,44 +138,37 @@ def _run_check(args: argparse.Namespace) -> None:
     from .check import check_drafter
     from .modeling_dspark import DSparkForCausalLM
 
-    target = AutoModelForCausalLM.from_pretrained(args.target, dtype="auto").eval()
+    options = _dataclass_from_args(CheckArguments, args)
+    target = AutoModelForCausalLM.from_pretrained(options.target, dtype="auto").eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.target)
+        tokenizer = AutoTokenizer.from_pretrained(options.target)
     except (OSError, ValueError):
         tokenizer = None
         print("warning: the target folder has no tokenizer; the mask token is checked on the probe only.")
     try:
-        drafter = DSparkForCausalLM.from_pretrained(args.drafter, verifier=target).eval()
+        drafter = DSparkForCausalLM.from_pretrained(options.drafter, verifier=target).eval()
     except ValueError as err:
         raise SystemExit(f"dspark check: {err}") from err
-    report = check_drafter(target, drafter, tokenizer, max_new_tokens=args.max_new_tokens)
+    report = check_drafter(target, drafter, tokenizer, max_new_tokens=options.max_new_tokens)
     print(report.summary())
     if report.faults:
         raise SystemExit(f"dspark check: structural fault: {report.faults[0]}")
 
 
-def _add_check_command(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "check",
-        help="Check a drafter against its target before serving or training: sizes, target layers, the "
-        "embedding / LM-head copies, the mask token, dtype, and a teacher-forced acceptance probe. Exit "
-        "code 1 on a structural fault.",
-    )
-    parser.add_argument("target", help="Target model folder or Hub id (with its tokenizer).")
-    parser.add_argument("drafter", help="Drafter folder or Hub id (native, DeepSpec or speculators layout).")
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=32, help="Greedy target tokens per probe prompt."
-    )
-    parser.set_defaults(func=_run_check)
+# ---- dspark train ------------------------------------------------------------------------------------------
 
 
 def _run_train(args: argparse.Namespace) -> None:
     from .training.arguments import DSparkTrainingArguments
+    from .training.recipes import get_recipe
     from .training.workflow import TrainScriptArguments, train_drafter
 
     try:
         script_args = _dataclass_from_args(TrainScriptArguments, args)
-        training_args = _dataclass_from_args(DSparkTrainingArguments, args)
+        recipe = get_recipe(script_args.recipe) if script_args.recipe else None
+        training_args = _dataclass_from_args(
+            DSparkTrainingArguments, args, **(recipe.training if recipe else {})
+        )
         metrics = train_drafter(script_args, training_args)
     except ValueError as err:
         raise SystemExit(f"dspark train: {err}") from err
@@ -133,63 +177,13 @@ def _run_train(args: argparse.Namespace) -> None:
     print(f"Saved the drafter to {training_args.output_dir}{held_out}")
 
 
-def _add_train_command(subparsers) -> None:
-    from .training.arguments import DSparkTrainingArguments
-    from .training.workflow import TrainScriptArguments
-
-    parser = subparsers.add_parser(
-        "train",
-        help="Train a DSpark drafter for a target on chat data (default: the offline SmolLM2-135M target).",
-        description="Every DSparkTrainingArguments / TrainingArguments field is a flag (e.g. --max_steps, "
-        "--per_device_train_batch_size, --bf16, --report_to); dashes work in place of underscores.",
-        dataclass_types=(TrainScriptArguments, DSparkTrainingArguments),
-    )
-    parser.set_defaults(output_dir="dspark-drafter", func=_run_train)
-
-
-def _add_dataclass_arguments(parser: argparse.ArgumentParser, options: type) -> None:
-    """One ``--flag`` per field of the dataclass ``options``, with its default and its ``help`` metadata."""
-    import dataclasses
-    import typing
-
-    from transformers.hf_argparser import string_to_bool
-
-    hints = typing.get_type_hints(options)
-    for option in dataclasses.fields(options):
-        # `X | None` parses as X; bools parse true/false/yes/no/1/0.
-        hint = hints[option.name]
-        kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-        parser.add_argument(
-            f"--{option.name.replace('_', '-')}",
-            type=string_to_bool if kind is bool else kind,
-            default=option.default,
-            help=f"{option.metadata.get('help', '')} (default: {option.default})".lstrip(),
-        )
-
-
-def _dataclass_from_args(options: type, args: argparse.Namespace):
-    import dataclasses
-
-    fields = [option.name for option in dataclasses.fields(options) if option.init]
-    return options(**{name: getattr(args, name) for name in fields})
+# ---- dspark quickstart / data / calibrate ------------------------------------------------------------------
 
 
 def _run_quickstart(args: argparse.Namespace) -> None:
     from .reference.quickstart import QuickstartOptions, run_quickstart
 
     run_quickstart(_dataclass_from_args(QuickstartOptions, args))
-
-
-def _add_quickstart_command(subparsers) -> None:
-    from .reference.quickstart import QuickstartOptions
-
-    parser = subparsers.add_parser(
-        "quickstart",
-        help="The main job: train a DSpark drafter for SmolLM2-135M-Instruct on the bundled data and compare "
-        "assisted against plain decoding.",
-    )
-    _add_dataclass_arguments(parser, QuickstartOptions)
-    parser.set_defaults(func=_run_quickstart)
 
 
 def _run_data(args: argparse.Namespace) -> None:
@@ -202,37 +196,66 @@ def _run_data(args: argparse.Namespace) -> None:
     print(json.dumps(onpolicy_summary(options.output)))
 
 
-def _add_data_command(subparsers) -> None:
-    from .reference.onpolicy import OnPolicyDataArguments
-
-    parser = subparsers.add_parser(
-        "data",
-        help="Build on-policy training data: the reference target's greedy and sampled answers to the "
-        "training prompt pool (resumable).",
+@dataclass
+class CalibrateArguments:
+    drafter: str = _positional("Drafter folder; its config is updated in place unless --output_dir.")
+    target: str | None = field(
+        default=None,
+        metadata={
+            "help": "Target model folder or Hub id (default: the offline SmolLM2-135M-Instruct reference "
+            "target)."
+        },
     )
-    _add_dataclass_arguments(parser, OnPolicyDataArguments)
-    parser.set_defaults(func=_run_data)
+    prompts_per_set: int = field(
+        default=8,
+        metadata={
+            "help": "Held-out prompts taken from the end of the GSM8K and of the MT-Bench eval sets each."
+        },
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Tokens generated per prompt."})
+    do_sample: bool = field(
+        default=False,
+        metadata={
+            "help": "Record rounds of sampling at temperature 1 instead of greedy decoding (calibrate for "
+            "the decoding mode you serve)."
+        },
+    )
+    profile_cost: bool = field(
+        default=False,
+        metadata={
+            "help": "Also time the target's forward for 1..block_size+1 tokens on this machine and store the "
+            "profile in the config (needed by generation_config.confidence_scheduling)."
+        },
+    )
+    profile_context_length: int = field(
+        default=256, metadata={"help": "Cached tokens while profiling the target."}
+    )
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Save the calibrated drafter here instead of in place."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of sampling."})
 
 
 def _run_calibrate(args: argparse.Namespace) -> None:
     from .training.workflow import calibrate_drafter
 
+    options = _dataclass_from_args(CalibrateArguments, args)
     try:
         report = calibrate_drafter(
-            args.drafter,
-            args.target,
-            prompts_per_set=args.prompts_per_set,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=args.do_sample,
-            profile_target_cost=args.profile_cost,
-            profile_context_length=args.profile_context_length,
-            output_dir=args.output_dir,
-            seed=args.seed,
+            options.drafter,
+            options.target,
+            prompts_per_set=options.prompts_per_set,
+            max_new_tokens=options.max_new_tokens,
+            do_sample=options.do_sample,
+            profile_target_cost=options.profile_cost,
+            profile_context_length=options.profile_context_length,
+            output_dir=options.output_dir,
+            seed=options.seed,
         )
     except ValueError as err:
         raise SystemExit(f"dspark calibrate: {err}") from err
-    mode = "sampling at temperature 1" if args.do_sample else "greedy decoding"
-    count = args.prompts_per_set
+    mode = "sampling at temperature 1" if options.do_sample else "greedy decoding"
+    count = options.prompts_per_set
     print(
         f"{report.rounds} rounds of {mode}, full block verified, on the last {count} GSM8K and the last "
         f"{count} MT-Bench eval prompts; prefix survival a_k raw -> STS:"
@@ -244,63 +267,72 @@ def _run_calibrate(args: argparse.Namespace) -> None:
     print(f"Saved the calibrated drafter config to {report.saved_config}.")
 
 
-def _add_calibrate_command(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "calibrate",
-        help="Fit the confidence head's per-position temperatures (sequential temperature scaling) on "
-        "held-out prompts, and optionally profile the target's cost for confidence scheduling.",
-    )
-    parser.add_argument("drafter", help="Drafter folder; its config is updated in place unless --output-dir.")
-    parser.add_argument(
-        "--target",
-        help="Target model folder or Hub id (default: the offline SmolLM2-135M-Instruct reference target).",
-    )
-    parser.add_argument(
-        "--prompts-per-set",
-        type=int,
-        default=8,
-        help="Held-out prompts taken from the end of the GSM8K and of the MT-Bench eval sets each.",
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="Tokens generated per prompt.")
-    parser.add_argument(
-        "--do-sample",
-        action="store_true",
-        help="Record rounds of sampling at temperature 1 instead of greedy decoding (calibrate for the "
-        "decoding mode you serve).",
-    )
-    parser.add_argument(
-        "--profile-cost",
-        action="store_true",
-        help="Also time the target's forward for 1..block_size+1 tokens on this machine and store the "
-        "profile in the config (needed by generation_config.confidence_scheduling).",
-    )
-    parser.add_argument(
-        "--profile-context-length", type=int, default=256, help="Cached tokens while profiling the target."
-    )
-    parser.add_argument("--output-dir", help="Save the calibrated drafter here instead of in place.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=_run_calibrate)
+# ---- the command -------------------------------------------------------------------------------------------
 
 
-def _subcommand_parser(dataclass_types=None, **kwargs) -> argparse.ArgumentParser:
-    """An `HfArgumentParser` for a subcommand that parses dataclasses (`train`), else a plain parser."""
-    if dataclass_types is None:
-        return argparse.ArgumentParser(**kwargs)
-    return HfArgumentParser(dataclass_types, **kwargs)
+def _commands() -> dict[str, tuple[str, tuple[type, ...], dict]]:
+    """Per subcommand: its help, its argument dataclasses and any parser defaults."""
+    from .reference.onpolicy import OnPolicyDataArguments
+    from .reference.quickstart import QuickstartOptions
+    from .training.arguments import DSparkTrainingArguments
+    from .training.workflow import TrainScriptArguments
+
+    return {
+        "push": (
+            "Publish a drafter folder to the Hugging Face Hub with its model card (safetensors files only).",
+            (PushArguments,),
+            {"func": _run_push},
+        ),
+        "convert": (
+            "Convert a drafter between the checkpoint layouts of dspark_hf.formats (native, DeepSpec's "
+            "served by vLLM and SGLang, speculators' served by vLLM).",
+            (ConvertArguments,),
+            {"func": _run_convert},
+        ),
+        "check": (
+            "Check a drafter against its target before serving or training: sizes, target layers, the "
+            "embedding / LM-head copies, the mask token, dtype, and a teacher-forced acceptance probe. Exit "
+            "code 1 on a structural fault.",
+            (CheckArguments,),
+            {"func": _run_check},
+        ),
+        "train": (
+            "Train a DSpark drafter for a target on chat data (default: the quickstart's target and data).",
+            (TrainScriptArguments, DSparkTrainingArguments),
+            {"func": _run_train, "output_dir": "dspark-drafter"},
+        ),
+        "quickstart": (
+            "The main job: train a DSpark drafter for SmolLM2-135M-Instruct on the bundled data and compare "
+            "assisted against plain decoding.",
+            (QuickstartOptions,),
+            {"func": _run_quickstart},
+        ),
+        "data": (
+            "Build on-policy training data: the reference target's greedy and sampled answers to the "
+            "training prompt pool (resumable).",
+            (OnPolicyDataArguments,),
+            {"func": _run_data},
+        ),
+        "calibrate": (
+            "Fit the confidence head's per-position temperatures (sequential temperature scaling) on "
+            "held-out prompts, and optionally profile the target's cost for confidence scheduling.",
+            (CalibrateArguments,),
+            {"func": _run_calibrate},
+        ),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="dspark", description="DSpark speculative decoding for transformers."
+        prog="dspark",
+        description="DSpark speculative decoding for transformers. Flags are spelled with underscores "
+        "(--max_new_tokens); dashes work too.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_subcommand_parser)
-    _add_push_command(subparsers)
-    _add_convert_command(subparsers)
-    _add_check_command(subparsers)
-    _add_train_command(subparsers)
-    _add_quickstart_command(subparsers)
-    _add_data_command(subparsers)
-    _add_calibrate_command(subparsers)
+    for name, (help, dataclass_types, defaults) in _commands().items():
+        subparsers.add_parser(
+            name, help=help, description=help, dataclass_types=dataclass_types
+        ).set_defaults(**defaults)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -73,7 +73,7 @@ class DSparkConfig(PreTrainedConfig):
         steps several times cheaper. Verification is unchanged, so decoding stays lossless.
     target_cost_profile (`dict`, *optional*): the target's forward time per number of verified tokens on the
         serving machine (a `dspark_hf.scheduling.cost_profile.CostProfile` as a dict, set by
-        `set_cost_profile` or `dspark calibrate --profile-cost`), which confidence scheduling weighs expected
+        `set_cost_profile` or `dspark calibrate --profile_cost`), which confidence scheduling weighs expected
         accepts against.
         Machine-specific: re-profile on other hardware.
     """

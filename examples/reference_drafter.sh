@@ -9,7 +9,7 @@
 #   bash examples/reference_drafter.sh                         # budgets 2.5 5 10 20: ~70 min, then
 #                                                              # calibration (~3 min) and the benchmark of
 #                                                              # the 20-minute drafters (50-75 min)
-#   bash examples/reference_drafter.sh --max-train-minutes 20  # one point of the curve (~30 min)
+#   bash examples/reference_drafter.sh --max_train_minutes 20  # one point of the curve (~30 min)
 #
 # A finished budget (its results.json exists) is not retrained, so an interrupted run resumes.
 set -euo pipefail
@@ -18,8 +18,8 @@ budgets=(2.5 5 10 20)
 benchmark=1
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --max-train-minutes) budgets=("$2"); benchmark=0; shift 2 ;;
-        *) echo "usage: $0 [--max-train-minutes MINUTES]" >&2; exit 2 ;;
+        --max_train_minutes | --max-train-minutes) budgets=("$2"); benchmark=0; shift 2 ;;
+        *) echo "usage: $0 [--max_train_minutes MINUTES]" >&2; exit 2 ;;
     esac
 done
 
@@ -30,8 +30,8 @@ for minutes in "${budgets[@]}"; do
         dir="$runs/$recipe-${minutes}min"
         [[ -f "$dir/results.json" ]] && continue
         echo "training $recipe for $minutes min -> $dir (log: $dir.log)"
-        dspark quickstart --output-dir "$dir" --recipe "$recipe" --max-train-minutes "$minutes" --threads 1 \
-            --eval-prompts-per-set 5 --max-new-tokens 64 > "$dir.log" 2>&1 &
+        dspark quickstart --output_dir "$dir" --recipe "$recipe" --max_train_minutes "$minutes" --threads 1 \
+            --eval_prompts_per_set 5 --max_new_tokens 64 > "$dir.log" 2>&1 &
     done
     wait
 done
@@ -43,7 +43,7 @@ python benchmarks/scaling_curve.py --runs "$runs"
 largest="${budgets[-1]}"
 # Confidence temperatures (STS; 8 GSM8K + 8 MT-Bench prompts that the benchmark does not use, 128 tokens
 # each) and the target's cost profile for confidence scheduling.
-dspark calibrate "$runs/dspark-${largest}min/drafter" --profile-cost
+dspark calibrate "$runs/dspark-${largest}min/drafter" --profile_cost
 
 # Side-by-side benchmark, interleaved prompt by prompt, against plain fp32 / bf16 and prompt lookup.
 python benchmarks/run_benchmark.py --drafter "$runs/dspark-${largest}min/drafter" \

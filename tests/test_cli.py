@@ -99,6 +99,31 @@ def test_the_readme_train_command_parses(record):
     assert script_args.target and script_args.dataset and training_args.output_dir != "dspark-drafter"
 
 
+def test_train_recipe_sets_the_drafter_and_the_loss_weights(record):
+    calls = record(dspark_hf.training.workflow, "train_drafter", result={})
+    main(["train", "--recipe", "dflash", "--ce_weight", "0.5", "--max_steps", "1"])
+    (script_args, training_args), _ = calls[0]
+    assert script_args.recipe == "dflash" and training_args.max_steps == 1
+    assert (training_args.ce_weight, training_args.l1_weight) == (1.0, 0.0)  # the recipe's win
+    assert exit_code(["train", "--recipe", "eagle"]) == 2
+
+
+def test_train_defaults_to_the_quickstart_data_and_checks_its_recipe(tmp_path):
+    from dspark_hf.reference.quickstart import train_quickstart_drafter
+    from dspark_hf.training.arguments import DSparkTrainingArguments
+    from dspark_hf.training.data import reference_training_rows
+    from dspark_hf.training.workflow import TrainScriptArguments, train_drafter, training_rows
+
+    assert train_quickstart_drafter is not train_drafter
+    rows = training_rows(TrainScriptArguments(), None, None, str(tmp_path))
+    assert rows == reference_training_rows("train") and len(rows) > 2000
+    args = DSparkTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match="the dflash recipe trains with .*ce_weight"):
+        train_drafter(TrainScriptArguments(recipe="dflash"), args)
+    with pytest.raises(ValueError, match="--recipe dflash defines a new drafter"):
+        TrainScriptArguments(recipe="dflash", drafter="folder")
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -165,9 +190,9 @@ def test_calibrate_flags_become_the_workflow_arguments(record, tmp_path, capsys)
 
 
 def test_calibrate_refuses_bad_folders_and_counts_before_loading_a_target(tmp_path):
-    with pytest.raises(SystemExit, match="dspark calibrate: .*deepspec layout.*--output-dir"):
+    with pytest.raises(SystemExit, match="dspark calibrate: .*deepspec layout.*--output_dir"):
         main(["calibrate", str(FIXTURE)])
-    with pytest.raises(SystemExit, match="dspark calibrate: --prompts-per-set must be >= 1"):
+    with pytest.raises(SystemExit, match="dspark calibrate: --prompts_per_set must be >= 1"):
         main(["calibrate", str(FIXTURE), "--output-dir", str(tmp_path / "out"), "--prompts-per-set", "0"])
     with pytest.raises(SystemExit, match="dspark calibrate: "):
         main(["calibrate", str(tmp_path)])  # no checkpoint at all

@@ -703,3 +703,15 @@ def _ddp_worker(output_dir: str, result: str) -> None:
 
 if __name__ == "__main__":
     _ddp_worker(*sys.argv[1:3])
+
+
+def test_build_drafter_applies_the_recipe_over_the_shape(tmp_path):
+    from dspark_hf.training.workflow import build_drafter
+
+    target = make_target()
+    drafter = build_drafter(target, None, "dflash", num_hidden_layers=1, markov_rank=8, block_size=3)
+    config = drafter.config
+    assert (config.num_hidden_layers, config.block_size, config.markov_rank) == (1, 3, 0)
+    assert drafter.markov_head is None and drafter.confidence_head is None
+    drafter.save_pretrained(tmp_path / "saved")
+    assert build_drafter(target, None, drafter=str(tmp_path / "saved")).config.markov_rank == 0

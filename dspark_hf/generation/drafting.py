@@ -317,7 +317,7 @@ class DSparkGenerationMixin(GenerationMixin):
                     "confidence_scheduling needs the target's cost profile: "
                     "`drafter.set_cost_profile(dspark_hf.scheduling.cost_profile.profile_cost(target))`, or "
                     "run "
-                    "`dspark calibrate --profile-cost` on the drafter folder."
+                    "`dspark calibrate --profile_cost` on the drafter folder."
                 )
             scheduler = CausalPrefixScheduler(seconds_per_step=profile)
         return threshold, scheduler, record

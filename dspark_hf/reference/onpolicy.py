@@ -178,7 +178,7 @@ class OnPolicyDataArguments:
         default=None,
         metadata={
             "help": "Then write every answer in the cache, minus held-out prompts and leaks, gzipped to this "
-            "path (how dspark_hf/resources/smollm2_onpolicy.jsonl.gz is made; with --num-prompts 0 "
+            "path (how dspark_hf/resources/smollm2_onpolicy.jsonl.gz is made; with --num_prompts 0 "
             "nothing is generated)."
         },
     )

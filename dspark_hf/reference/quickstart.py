@@ -25,6 +25,7 @@ from ..training.data import build_dataset, load_onpolicy_rows, load_prompts, ref
 from ..training.draft_vocab import load_token_ranking, ranked_vocab
 from ..training.recipes import get_recipe
 from ..training.trainer import DSparkTrainer
+from ..training.workflow import build_drafter
 from .benchmarking import encode_chat_prompt, json_safe, run_interleaved, summarize, timed_generate
 from .onpolicy import answer_counts
 from .target import load_reference_target
@@ -104,21 +105,19 @@ def training_data_description() -> str:
     )
 
 
-def build_drafter(target, tokenizer, options: QuickstartOptions) -> DSparkForCausalLM:
-    """A fresh drafter of the options' shape and recipe, drafting over the reference draft vocabulary."""
-    recipe = get_recipe(options.recipe)
-    shape = {
-        "num_hidden_layers": options.num_hidden_layers,
-        "block_size": options.block_size,
-        "markov_rank": options.markov_rank,
-        "markov_head_type": options.markov_head_type,
-    }
-    drafter = DSparkForCausalLM.from_target(
+def quickstart_drafter(target, tokenizer, options: QuickstartOptions) -> DSparkForCausalLM:
+    """A fresh drafter of the options' shape and recipe (`build_drafter`), drafting over the reference draft
+    vocabulary."""
+    drafter = build_drafter(
         target,
-        tokenizer=tokenizer,
+        tokenizer,
+        options.recipe,
         target_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
         dtype=torch.float32,
-        **{**shape, **recipe.drafter},
+        num_hidden_layers=options.num_hidden_layers,
+        block_size=options.block_size,
+        markov_rank=options.markov_rank,
+        markov_head_type=options.markov_head_type,
     )
     if options.draft_vocab_size:
         ranking = load_token_ranking()
@@ -150,12 +149,14 @@ def training_arguments(options: QuickstartOptions, **overrides) -> DSparkTrainin
     return DSparkTrainingArguments(**{**settings, **overrides})
 
 
-def train_drafter(target, tokenizer, options: QuickstartOptions) -> tuple[DSparkForCausalLM, DSparkTrainer]:
+def train_quickstart_drafter(
+    target, tokenizer, options: QuickstartOptions
+) -> tuple[DSparkForCausalLM, DSparkTrainer]:
     """Train a fresh drafter for `target` on the vendored training rows; returns it and its trainer. With
     `options.bf16`, pass the target in bfloat16."""
     dataset = build_dataset(reference_training_rows("train"), tokenizer, max_length=options.max_length)
     trainer = DSparkTrainer(
-        model=build_drafter(target, tokenizer, options),
+        model=quickstart_drafter(target, tokenizer, options),
         target_model=target,
         args=training_arguments(options),
         train_dataset=dataset,
@@ -311,7 +312,7 @@ def run_quickstart(options: QuickstartOptions | None = None) -> dict:
     target, tokenizer = load_reference_target()
     print(f"[2/3] training a drafter ({options.recipe} recipe, {options.max_train_minutes} min)")
     training_target = load_reference_target(dtype=torch.bfloat16)[0] if options.bf16 else target
-    drafter, trainer = train_drafter(training_target, tokenizer, options)
+    drafter, trainer = train_quickstart_drafter(training_target, tokenizer, options)
     print("[3/3] evaluating against plain decoding")
     results = evaluate(target, tokenizer, drafter, options)
     results["training"] = {"steps": trainer.state.global_step, "recipe": options.recipe}
@@ -333,10 +334,10 @@ def run_quickstart(options: QuickstartOptions | None = None) -> dict:
 
 __all__ = [
     "QuickstartOptions",
-    "build_drafter",
+    "quickstart_drafter",
     "evaluate",
     "held_out_acceptance",
     "run_quickstart",
-    "train_drafter",
+    "train_quickstart_drafter",
     "training_arguments",
 ]

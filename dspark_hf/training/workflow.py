@@ -21,7 +21,8 @@ from ..reference.target import load_reference_target
 from ..scheduling.calibration import calibrate_sts, format_calibration_table, record_calibration_rounds
 from ..scheduling.cost_profile import profile_cost
 from .arguments import DSparkTrainingArguments
-from .data import build_dataset, load_prompts, load_reference_train_rows, read_jsonl, regenerate_responses
+from .data import build_dataset, load_prompts, read_jsonl, reference_training_rows, regenerate_responses
+from .recipes import RECIPES, get_recipe
 from .trainer import DSparkTrainer
 
 # The draft layers' projections and `fc`, which maps the target's features; the embedding and LM head are the
@@ -41,7 +42,7 @@ class TrainScriptArguments:
         default=None,
         metadata={
             "help": "JSON-lines chat rows ({'messages': [...]} or {'prompt', 'response'}); required with "
-            "--target. None with the reference target: its vendored training answers.",
+            "--target. None with the reference target: the quickstart's data, its 2,589 vendored answers.",
             "aliases": ["--dataset_path"],
         },
     )
@@ -80,6 +81,14 @@ class TrainScriptArguments:
             "aliases": ["--markov-head"],
         },
     )
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "A named recipe of dspark_hf.training.recipes: its drafter settings and loss weights win "
+            "over the flags' (None: DSparkConfig's and DSparkTrainingArguments' own).",
+            "choices": sorted(RECIPES),
+        },
+    )
     lora_r: int = field(
         default=0, metadata={"help": "Train LoRA adapters of this rank (0: train all weights)."}
     )
@@ -93,6 +102,8 @@ class TrainScriptArguments:
             raise ValueError("--dataset is required with --target (chat rows answered by that target).")
         if self.drafter is not None and self.drafter_overrides():
             raise ValueError(f"{sorted(self.drafter_overrides())} define a new drafter, not --drafter's.")
+        if self.drafter is not None and self.recipe is not None and get_recipe(self.recipe).drafter:
+            raise ValueError(f"--recipe {self.recipe} defines a new drafter, not --drafter's.")
 
     def drafter_overrides(self) -> dict[str, Any]:
         """The `DSparkConfig` fields given for a fresh drafter."""
@@ -125,10 +136,10 @@ def training_rows(
     tokenizer: PreTrainedTokenizerBase,
     output_dir: str,
 ) -> list[dict]:
-    """The chat rows to train on: the dataset's (the reference answers by default), answered anew by the
-    target with `regenerate`."""
+    """The chat rows to train on: the dataset's (by default the reference answers the quickstart trains on),
+    answered anew by the target with `regenerate`."""
     if script_args.dataset is None:
-        rows = load_reference_train_rows()
+        rows = reference_training_rows("train")
     else:
         rows = read_jsonl(Path(script_args.dataset))
     if not script_args.regenerate:
@@ -142,13 +153,19 @@ def training_rows(
     )
 
 
-def make_drafter(
-    script_args: TrainScriptArguments, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
+def build_drafter(
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    recipe: str | None = None,
+    drafter: str | None = None,
+    **config_overrides: Any,
 ) -> DSparkForCausalLM:
-    """`script_args.drafter` loaded, or a fresh drafter for `target` of the given shape."""
-    if script_args.drafter is None:
-        return DSparkForCausalLM.from_target(target, tokenizer=tokenizer, **script_args.drafter_overrides())
-    return DSparkForCausalLM.from_pretrained(script_args.drafter)
+    """The drafter a run trains: the saved `drafter` folder loaded, or a fresh drafter for `target` with
+    `config_overrides` (e.g. its shape) and the `recipe`'s drafter settings, which win."""
+    if drafter is not None:
+        return DSparkForCausalLM.from_pretrained(drafter)
+    settings = {**config_overrides, **(get_recipe(recipe).drafter if recipe else {})}
+    return DSparkForCausalLM.from_target(target, tokenizer=tokenizer, **settings)
 
 
 def lora_config(rank: int) -> Any:
@@ -170,7 +187,19 @@ def train_drafter(
     script_args: TrainScriptArguments, training_args: DSparkTrainingArguments
 ) -> dict[str, float]:
     """Train a drafter as `dspark train` does, save it to `training_args.output_dir`, and return the held-out
-    metrics (empty without `eval_rows`). Raises a ValueError on unusable arguments or data."""
+    metrics (empty without `eval_rows`). With `script_args.recipe`, `training_args` must carry the recipe's
+    training settings (`get_recipe(name).training`, as `dspark train` sets them). Raises a ValueError on
+    unusable arguments or data."""
+    if script_args.recipe is not None:
+        differing = {
+            name: value
+            for name, value in get_recipe(script_args.recipe).training.items()
+            if getattr(training_args, name) != value
+        }
+        if differing:
+            raise ValueError(
+                f"the {script_args.recipe} recipe trains with {differing}; training_args differ."
+            )
     target, tokenizer = load_target(script_args.target)
     rows = training_rows(script_args, target, tokenizer, training_args.output_dir)
     dataset = build_dataset(rows, tokenizer, max_length=script_args.max_length)
@@ -179,7 +208,9 @@ def train_drafter(
         split = dataset.train_test_split(test_size=script_args.eval_rows, seed=training_args.seed)
         dataset, eval_dataset = split["train"], split["test"]
     trainer = DSparkTrainer(
-        model=make_drafter(script_args, target, tokenizer),
+        model=build_drafter(
+            target, tokenizer, script_args.recipe, script_args.drafter, **script_args.drafter_overrides()
+        ),
         target_model=target,
         args=training_args,
         train_dataset=dataset,
@@ -205,7 +236,7 @@ class CalibrationReport:
 def calibration_prompts(prompts_per_set: int) -> list[str]:
     """The last rows of each eval set: the quickstart and the benchmarks evaluate on the first ones."""
     if prompts_per_set < 1:
-        raise ValueError("--prompts-per-set must be >= 1.")
+        raise ValueError("--prompts_per_set must be >= 1.")
     return [text for name in ("gsm8k", "mt-bench") for text in load_prompts(name, "eval")[-prompts_per_set:]]
 
 
@@ -217,7 +248,7 @@ def _calibration_output(drafter: str, output_dir: str | None) -> tuple[Path, boo
     if in_place and layout != NATIVE_LAYOUT:
         raise ValueError(
             f"the drafter folder is in the {layout} layout, which the calibration would overwrite with a "
-            "native config; pass --output-dir to save a native copy."
+            "native config; pass --output_dir to save a native copy."
         )
     return output, in_place
 
@@ -273,7 +304,7 @@ __all__ = [
     "LORA_TARGET_MODULES",
     "load_target",
     "training_rows",
-    "make_drafter",
+    "build_drafter",
     "lora_config",
     "train_drafter",
     "CalibrationReport",
