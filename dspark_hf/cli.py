@@ -35,10 +35,9 @@ def _subcommand_parser(dataclass_types=(), **kwargs) -> _CommandParser:
     return _CommandParser(dataclass_types, **kwargs)
 
 
-def _dataclass_from_args(options: type, args: argparse.Namespace, **overrides):
-    """The dataclass `options` from the parsed flags; `overrides` replace flags."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(options) if f.init}
-    return options(**{**values, **overrides})
+def _dataclass_from_args(options: type, args: argparse.Namespace):
+    """The dataclass `options` from the parsed flags."""
+    return options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(options) if f.init})
 
 
 # ---- dspark push -------------------------------------------------------------------------------------------
@@ -160,15 +159,11 @@ def _run_check(args: argparse.Namespace) -> None:
 
 def _run_train(args: argparse.Namespace) -> None:
     from .training.arguments import DSparkTrainingArguments
-    from .training.recipes import get_recipe
     from .training.workflow import TrainScriptArguments, train_drafter
 
     try:
         script_args = _dataclass_from_args(TrainScriptArguments, args)
-        recipe = get_recipe(script_args.recipe) if script_args.recipe else None
-        training_args = _dataclass_from_args(
-            DSparkTrainingArguments, args, **(recipe.training if recipe else {})
-        )
+        training_args = _dataclass_from_args(DSparkTrainingArguments, args)
         metrics = train_drafter(script_args, training_args)
     except ValueError as err:
         raise SystemExit(f"dspark train: {err}") from err

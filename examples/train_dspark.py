@@ -1,6 +1,7 @@
 """Train a DSpark drafter for a causal LM with `DSparkTrainer` (the Python API behind `dspark train`).
 
-A short CPU run on the offline reference target (SmolLM2-135M-Instruct) and its vendored training answers::
+A short CPU run on the offline reference target (SmolLM2-135M-Instruct) and the quickstart's data, the
+target's 2,589 vendored answers (add `--recipe dflash` for DeepSpec's DFlash recipe)::
 
     python examples/train_dspark.py --output_dir smollm2-dspark --max_steps 200 --num_anchors 64 \\
         --max_length 512 --num_draft_layers 2 --eval_rows 8

@@ -104,7 +104,9 @@ def test_train_recipe_sets_the_drafter_and_the_loss_weights(record):
     main(["train", "--recipe", "dflash", "--ce_weight", "0.5", "--max_steps", "1"])
     (script_args, training_args), _ = calls[0]
     assert script_args.recipe == "dflash" and training_args.max_steps == 1
-    assert (training_args.ce_weight, training_args.l1_weight) == (1.0, 0.0)  # the recipe's win
+    trained_with = dspark_hf.training.workflow.with_recipe(training_args, script_args.recipe)
+    assert (trained_with.ce_weight, trained_with.l1_weight) == (1.0, 0.0)  # the recipe's win
+    assert (trained_with.max_steps, trained_with.output_dir) == (1, training_args.output_dir)
     assert exit_code(["train", "--recipe", "eagle"]) == 2
 
 
@@ -112,14 +114,13 @@ def test_train_defaults_to_the_quickstart_data_and_checks_its_recipe(tmp_path):
     from dspark_hf.reference.quickstart import train_quickstart_drafter
     from dspark_hf.training.arguments import DSparkTrainingArguments
     from dspark_hf.training.data import reference_training_rows
-    from dspark_hf.training.workflow import TrainScriptArguments, train_drafter, training_rows
+    from dspark_hf.training.workflow import TrainScriptArguments, train_drafter, training_rows, with_recipe
 
     assert train_quickstart_drafter is not train_drafter
     rows = training_rows(TrainScriptArguments(), None, None, str(tmp_path))
     assert rows == reference_training_rows("train") and len(rows) > 2000
     args = DSparkTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
-    with pytest.raises(ValueError, match="the dflash recipe trains with .*ce_weight"):
-        train_drafter(TrainScriptArguments(recipe="dflash"), args)
+    assert with_recipe(args, None) is args and with_recipe(args, "dflash_same_recipe") is args
     with pytest.raises(ValueError, match="--recipe dflash defines a new drafter"):
         TrainScriptArguments(recipe="dflash", drafter="folder")
 

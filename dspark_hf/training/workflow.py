@@ -6,6 +6,7 @@ run the same code; the command line only parses flags into the dataclasses (with
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,23 +184,20 @@ def lora_config(rank: int) -> Any:
     )
 
 
+def with_recipe(training_args: DSparkTrainingArguments, recipe: str | None) -> DSparkTrainingArguments:
+    """`training_args` with the named recipe's training settings (its loss weights), which win."""
+    if recipe is None or not get_recipe(recipe).training:
+        return training_args
+    return dataclasses.replace(training_args, **get_recipe(recipe).training)
+
+
 def train_drafter(
     script_args: TrainScriptArguments, training_args: DSparkTrainingArguments
 ) -> dict[str, float]:
     """Train a drafter as `dspark train` does, save it to `training_args.output_dir`, and return the held-out
-    metrics (empty without `eval_rows`). With `script_args.recipe`, `training_args` must carry the recipe's
-    training settings (`get_recipe(name).training`, as `dspark train` sets them). Raises a ValueError on
-    unusable arguments or data."""
-    if script_args.recipe is not None:
-        differing = {
-            name: value
-            for name, value in get_recipe(script_args.recipe).training.items()
-            if getattr(training_args, name) != value
-        }
-        if differing:
-            raise ValueError(
-                f"the {script_args.recipe} recipe trains with {differing}; training_args differ."
-            )
+    metrics (empty without `eval_rows`). `script_args.recipe`'s training settings win over `training_args`'.
+    Raises a ValueError on unusable arguments or data."""
+    training_args = with_recipe(training_args, script_args.recipe)
     target, tokenizer = load_target(script_args.target)
     rows = training_rows(script_args, target, tokenizer, training_args.output_dir)
     dataset = build_dataset(rows, tokenizer, max_length=script_args.max_length)
@@ -305,6 +303,7 @@ __all__ = [
     "load_target",
     "training_rows",
     "build_drafter",
+    "with_recipe",
     "lora_config",
     "train_drafter",
     "CalibrationReport",
