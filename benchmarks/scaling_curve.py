@@ -1,5 +1,5 @@
 """Scaling curve of the reference drafters: tau per dataset against training minutes, for DSpark and the
-DFlash ablation, from the quickstart runs that `examples/reference_drafter.sh` leaves behind.
+DFlash ablation, from the quickstart runs that `benchmarks/reference_drafter.sh` leaves behind.
 
 Each run folder is `<runs>/<recipe>-<minutes>min/` with the quickstart's `results.json` (a fresh drafter
 trained for that budget, its learning rate annealed to the budget's end, then evaluated on held-out prompts).
@@ -98,7 +98,7 @@ def main() -> None:
     points.sort(key=lambda p: (p["recipe"], p["minutes"]))
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(
-        json.dumps({"command": "bash examples/reference_drafter.sh", "points": points}, indent=2) + "\n"
+        json.dumps({"command": "bash benchmarks/reference_drafter.sh", "points": points}, indent=2) + "\n"
     )
     plot(points, args.output.with_suffix(".png"))
     for p in points:

@@ -1,7 +1,7 @@
 """speculators-format export and import, and the draft sub-vocabulary in both serving formats.
 
 The check against speculators itself (its DSpark model loading our exports with equal outputs) needs its own
-virtual environment: benchmarks/speculators_check.sh. These tests pin down our side of the format.
+virtual environment: tests/peer/speculators_check.sh. These tests pin down our side of the format.
 """
 
 import json

@@ -3,7 +3,7 @@
 speculators (vllm-project/speculators) stores a DSpark drafter with dspark_hf's parameter names, a config
 whose `speculators_config` names the algorithm, proposal method and verifier, and a Qwen3
 `transformer_layer_config` for the draft layers. What differs from the native layout, all checked against
-speculators 0.9.0 by `benchmarks/speculators_check.py`:
+speculators 0.9.0 by `tests/peer/speculators_check.py`:
 
 - layer ids count the embedding output as layer 0 (`aux_hidden_state_layer_ids` = `target_layer_ids` + 1);
 - the copies of the target's embedding and (for a full vocabulary) LM head are not stored: loaders take

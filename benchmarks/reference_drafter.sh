@@ -6,10 +6,10 @@
 # side by side, one CPU thread each. Every budget trains a fresh drafter whose learning rate anneals to that
 # budget's end, then evaluates it on held-out prompts (5 per dataset x 64 new tokens, greedy).
 #
-#   bash examples/reference_drafter.sh                         # budgets 2.5 5 10 20: ~70 min, then
+#   bash benchmarks/reference_drafter.sh                         # budgets 2.5 5 10 20: ~70 min, then
 #                                                              # calibration (~3 min) and the benchmark of
 #                                                              # the 20-minute drafters (50-75 min)
-#   bash examples/reference_drafter.sh --max_train_minutes 20  # one point of the curve (~30 min)
+#   bash benchmarks/reference_drafter.sh --max_train_minutes 20  # one point of the curve (~30 min)
 #
 # A finished budget (its results.json exists) is not retrained, so an interrupted run resumes.
 set -euo pipefail

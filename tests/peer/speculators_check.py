@@ -1,7 +1,7 @@
 """Check dspark_hf's speculators format against the peer itself, speculators 0.9.0's DSpark model.
 
 speculators pins transformers <= 5.19 and dspark_hf needs >= 5.23, so the check runs in three steps in two
-virtual environments (`benchmarks/speculators_check.sh` drives them):
+virtual environments (`tests/peer/speculators_check.sh` drives them):
 
 1. `export` (dspark_hf's environment): a tiny Llama target, one random drafter per case (vanilla, gated, rnn
    head, with and without a confidence head, plus draft sub-vocabulary cases and one without a Markov
@@ -13,7 +13,7 @@ virtual environments (`benchmarks/speculators_check.sh` drives them):
    mask rules, Markov and confidence heads), run on the same inputs, gives logits equal to ours. Then a
    drafter that speculators itself initialises and saves, with its outputs on the same inputs.
 3. `import` (dspark_hf's environment): dspark_hf loads each speculators save and reproduces its outputs;
-   the report goes to `benchmarks/results/speculators_check.json`.
+   the report goes to `tests/peer/speculators_check.json`.
 
 Where the implementations differ in convention, the report's `semantic_differences` says how.
 """
@@ -311,9 +311,7 @@ def main() -> None:
     )
     parser.add_argument("step", choices=["export", "peer", "import"])
     parser.add_argument("--work", type=Path, required=True, help="Folder shared by the three steps.")
-    parser.add_argument(
-        "--output", type=Path, default=Path(__file__).parent / "results" / "speculators_check.json"
-    )
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "speculators_check.json")
     args = parser.parse_args()
     args.work = args.work.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
