@@ -1,2 +1,3 @@
-"""Checkpoint layouts: native, DeepSpec's and speculators'; conversion between them and the engine commands
-that serve them."""
+"""Checkpoint layouts: one module per layout (`native`, `deepspec`, `speculators`), each a `CheckpointFormat`
+(`base`) listed in `registry.FORMATS`; the tensors the layouts store (`weights`); conversion between them
+(`convert`)."""
