@@ -28,6 +28,7 @@ from .recipes import get_recipe
 from .reference_target import load_reference_target
 from .trainer import DSparkTrainer
 from .training_args import DSparkTrainingArguments
+from .warm_start import LAYER_INITS
 
 EVAL_DATASETS = ("gsm8k", "mt-bench", "humaneval")
 DATASET_NAMES = {"gsm8k": "GSM8K", "mt-bench": "MT-Bench", "humaneval": "HumanEval"}
@@ -49,6 +50,13 @@ class QuickstartOptions:
         },
     )
     num_hidden_layers: int = field(default=2, metadata={"help": "Drafter decoder layers."})
+    layer_init: str = field(
+        default="random",
+        metadata={
+            "help": "How the draft layers start: random, or target (copies of the target's last layers).",
+            "choices": list(LAYER_INITS),
+        },
+    )
     block_size: int = field(default=7, metadata={"help": "Tokens drafted per block."})
     markov_rank: int = field(default=128, metadata={"help": "Rank of the Markov head (0: none)."})
     markov_head_type: str = field(default="vanilla", metadata={"help": "vanilla, gated or rnn."})
@@ -118,6 +126,7 @@ def build_drafter(target, tokenizer, options: QuickstartOptions) -> DSparkForCau
         tokenizer=tokenizer,
         target_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
         dtype=torch.float32,
+        layer_init=options.layer_init,
         **{**shape, **recipe.drafter},
     )
     if options.draft_vocab_size:
