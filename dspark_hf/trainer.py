@@ -32,6 +32,7 @@ from transformers.utils import is_peft_available
 
 from .loss import DSparkLossOutput, dspark_loss, position_weights, target_distribution
 from .model_card import write_model_card
+from .muon_adamw import MuonAdamW, split_for_muon
 from .target_tap import LayerFeatures, check_target_compatibility, expected_tau
 from .time_budget import WallClockBudget
 from .training_args import DSparkTrainingArguments
@@ -289,24 +290,34 @@ class DSparkTrainer(Trainer):
         return {"ce_weight": self.args.ce_weight, "l1_weight": self.args.l1_weight}
 
     def create_optimizer(self, model: nn.Module | None = None):
-        """`Trainer.create_optimizer`, then the Markov head's parameters get their own learning rate."""
+        """`Trainer.create_optimizer`, then the Markov head's parameters get their own learning rate and, with
+        `matrix_optimizer="muon"`, Muon takes over the draft layers' weight matrices."""
         created = self.optimizer is None
         optimizer = super().create_optimizer(model)
-        multiplier = self.args.markov_head_lr_multiplier
-        if multiplier == 1.0 or not created:
+        if not created:
             return optimizer
+        groups = self._markov_head_groups(optimizer.param_groups)
+        if self.args.matrix_optimizer == "muon":
+            self.optimizer = MuonAdamW(*split_for_muon(self.model, groups))
+            return self.optimizer
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
+    def _markov_head_groups(self, param_groups: list[dict]) -> list[dict]:
+        """`param_groups` with the Markov head's parameters in groups of their own, at
+        `markov_head_lr_multiplier` times the rate."""
+        multiplier = self.args.markov_head_lr_multiplier
         markov = {id(p) for n, p in self.model.named_parameters() if "markov_head." in n and p.requires_grad}
         groups = []
-        for group in optimizer.param_groups:
+        for group in param_groups:
             for is_markov in (False, True):
                 params = [p for p in group["params"] if (id(p) in markov) == is_markov]
                 if params:
                     lr = group["lr"] * (multiplier if is_markov else 1.0)
                     groups.append({**group, "params": params, "lr": lr})
-        optimizer.param_groups.clear()
-        for group in groups:
-            optimizer.add_param_group(group)
-        return optimizer
+        return groups
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         """Under `max_train_minutes` the rate follows the clock (see `WallClockBudget`), else the steps."""

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .muon_adamw import MATRIX_OPTIMIZERS
+
 
 @dataclass
 class DSparkTrainingArguments(TrainingArguments):
@@ -41,6 +43,9 @@ class DSparkTrainingArguments(TrainingArguments):
         markov_head_lr_multiplier (`float`, *optional*, defaults to `1.0`):
             The Markov head's learning rate is `learning_rate` times this; its low-rank factors start at
             N(0, 0.02) and otherwise grow slowly towards the backbone's logit scale.
+        matrix_optimizer (`str`, *optional*, defaults to `"adamw"`):
+            `"muon"` updates the weight matrices of the draft layers and of `fc` with `torch.optim.Muon`
+            (learning rate matched to AdamW's update size) and every other trainable parameter with AdamW.
 
         > Parameters that control the drafted blocks
 
@@ -103,6 +108,14 @@ class DSparkTrainingArguments(TrainingArguments):
     num_anchors: int = field(
         default=512, metadata={"help": "Maximum number of block anchors sampled per sequence."}
     )
+    matrix_optimizer: str = field(
+        default="adamw",
+        metadata={
+            "help": "Optimizer of the draft layers' weight matrices: adamw, or muon (torch.optim.Muon; every "
+            "other parameter keeps AdamW).",
+            "choices": list(MATRIX_OPTIMIZERS),
+        },
+    )
 
     max_train_minutes: float | None = field(
         default=None,
@@ -134,6 +147,10 @@ class DSparkTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.matrix_optimizer not in MATRIX_OPTIMIZERS:
+            raise ValueError(
+                f"matrix_optimizer must be one of {MATRIX_OPTIMIZERS}, got {self.matrix_optimizer!r}."
+            )
         if self.num_anchors < 1:
             raise ValueError(f"num_anchors must be >= 1, got {self.num_anchors}.")
         if not self.decay_gamma > 0:

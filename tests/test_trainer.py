@@ -518,6 +518,50 @@ def test_markov_head_learning_rate_multiplier(tmp_path):
     assert sorted(grouped) == sorted(trainable)
 
 
+def test_muon_updates_the_hidden_matrices_and_adamw_the_rest(tmp_path):
+    from dspark_hf.muon_adamw import MuonAdamW, is_hidden_matrix
+
+    target = make_target()
+    drafter = make_drafter(target)
+    before = snapshot(drafter)
+    trainer = _train_a_few_steps(
+        drafter,
+        target,
+        tmp_path,
+        matrix_optimizer="muon",
+        markov_head_lr_multiplier=10.0,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    optimizer = trainer.optimizer.optimizer  # accelerate's wrapper around ours
+    assert isinstance(optimizer, MuonAdamW)
+    named = dict(trainer.model.named_parameters())
+    muon = {id(p) for group in optimizer.muon.param_groups for p in group["params"]}
+    adamw = {id(p) for group in optimizer.adamw.param_groups for p in group["params"]}
+    assert muon == {id(p) for n, p in named.items() if p.requires_grad and is_hidden_matrix(n, p)}
+    assert adamw == {id(p) for p in named.values() if p.requires_grad} - muon
+    assert {id(p) for n, p in named.items() if n.startswith("markov_head.")} <= adamw
+    # one schedule drives both halves, the Markov head still at its multiple of the rate
+    rates = {group["initial_lr"] for group in optimizer.param_groups}
+    assert len(rates) == 2 and max(rates) == pytest.approx(10 * min(rates))
+    after = snapshot(trainer.model)
+    for name in ("layers.0.self_attn.q_proj.weight", "fc.weight", "markov_head.markov_w2.weight"):
+        assert not torch.equal(before[name], after[name]), name
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(before[name], after[name]), name
+    # a checkpoint's optimizer state (both halves) restores into a fresh trainer, which trains on
+    resumed = DSparkTrainer(
+        model=make_drafter(target),
+        target_model=target,
+        args=make_args(tmp_path / "resumed", matrix_optimizer="muon", max_steps=3),
+        train_dataset=Dataset.from_list(make_rows(target, 4)),
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 3
+    restored = resumed.optimizer.optimizer.muon.state_dict()["state"]
+    assert restored and all("momentum_buffer" in state for state in restored.values())
+
+
 def test_detached_confidence_input_trains_the_head_only():
     target = make_target()
     drafter = make_drafter(target)
