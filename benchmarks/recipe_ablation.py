@@ -52,6 +52,10 @@ VARIANTS: dict[str, dict] = {
     # round two: today's quickstart recipe, then one change at a time
     "current": {},
     "warm_start": {"layer_init": "target"},
+    "muon": {"matrix_optimizer": "muon"},
+    "warm_start_muon": {"layer_init": "target", "matrix_optimizer": "muon"},
+    "one_layer": {"num_hidden_layers": 1},
+    "float32": {"bf16": False},
 }
 
 

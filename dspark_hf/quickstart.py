@@ -23,6 +23,7 @@ from .cost_profile import profile_cost
 from .data import build_dataset, load_onpolicy_rows, load_prompts, reference_training_rows
 from .draft_vocab import load_token_ranking, ranked_vocab
 from .modeling_dspark import DSparkForCausalLM
+from .muon_adamw import MATRIX_OPTIMIZERS
 from .onpolicy import answer_counts
 from .recipes import get_recipe
 from .reference_target import load_reference_target
@@ -78,6 +79,17 @@ class QuickstartOptions:
     )
     markov_head_lr_multiplier: float = field(
         default=10.0, metadata={"help": "Learning rate of the Markov head relative to the rest."}
+    )
+    matrix_optimizer: str = field(
+        default="adamw",
+        metadata={
+            "help": "Optimizer of the draft layers' weight matrices: adamw, or muon (AdamW for the rest).",
+            "choices": list(MATRIX_OPTIMIZERS),
+        },
+    )
+    target_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Cache the target's hidden states here; epochs after the first skip the target."},
     )
     confidence_detach_backbone: bool = field(
         default=False, metadata={"help": "Keep the confidence loss from reaching the backbone."}
@@ -145,6 +157,8 @@ def training_arguments(options: QuickstartOptions, **overrides) -> DSparkTrainin
         "num_anchors": options.num_anchors,
         "ce_warmup_fraction": options.ce_warmup_fraction,
         "markov_head_lr_multiplier": options.markov_head_lr_multiplier,
+        "matrix_optimizer": options.matrix_optimizer,
+        "target_cache_dir": options.target_cache_dir,
         "confidence_detach_backbone": options.confidence_detach_backbone,
         "per_device_train_batch_size": options.per_device_train_batch_size,
         "gradient_accumulation_steps": options.gradient_accumulation_steps,

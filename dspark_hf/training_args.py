@@ -61,6 +61,13 @@ class DSparkTrainingArguments(TrainingArguments):
             schedule follows the clock instead of the step count: `warmup_steps` is then a fraction of the
             budget, and the rate reaches its final value when the budget ends. `max_steps` /
             `num_train_epochs` still cap the run. A resumed run continues the budget of its checkpoint.
+        target_cache_dir (`str`, *optional*):
+            Folder of the target-feature cache (`dspark_hf.target_cache`): the first pass over a row stores
+            the target's captured features and final hidden state; later passes read them and skip the
+            target, which is about half of a step's compute. Keyed by the row's token ids under a manifest of
+            the target's fingerprint, `target_layer_ids` and precision; a folder of another target is refused.
+        target_cache_max_gb (`float`, *optional*, defaults to `50.0`):
+            Size bound of the cache; rows past it are computed online each time.
         draft_vocab_training (`bool`, *optional*, defaults to `True`):
             When the drafter has a draft vocabulary (`set_draft_vocab`), compute its training logits over that
             vocabulary plus the batch's prompt tokens only (what it can draft), with the target mass outside
@@ -123,6 +130,16 @@ class DSparkTrainingArguments(TrainingArguments):
             "help": "Wall-clock training budget (minutes) that ends training and drives the LR schedule."
         },
     )
+    target_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Cache the target's hidden states of each training row here on its first pass; later "
+            "epochs (and resumed runs) read them instead of running the target."
+        },
+    )
+    target_cache_max_gb: float = field(
+        default=50.0, metadata={"help": "Size bound of target_cache_dir; rows past it are computed online."}
+    )
     draft_vocab_training: bool = field(
         default=True,
         metadata={
@@ -173,6 +190,8 @@ class DSparkTrainingArguments(TrainingArguments):
                     "With max_train_minutes, warmup_steps must be a fraction of the budget in [0, 1), got "
                     f"{self.warmup_steps}."
                 )
+        if not self.target_cache_max_gb > 0:
+            raise ValueError(f"target_cache_max_gb must be > 0, got {self.target_cache_max_gb}.")
         if self.remove_unused_columns:
             raise ValueError(
                 "remove_unused_columns=True would drop the `loss_mask` column the DSparkTrainer needs; "
