@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dspark_hf.quickstart import QuickstartOptions, held_out_acceptance, train_drafter
+from dspark_hf.quickstart import QuickstartOptions, held_out_acceptance, train_drafter, training_precision
 from dspark_hf.reference_target import load_reference_target
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ablation"
@@ -70,7 +70,8 @@ def run_variant(name: str, minutes: float, threads: int, seed: int) -> dict:
         output_dir=f"outputs/ablation/{run}", max_train_minutes=minutes, threads=threads, seed=seed
     )
     options = dataclasses.replace(options, **VARIANTS[name])
-    target, tokenizer = load_reference_target(dtype=torch.bfloat16 if options.bf16 else torch.float32)
+    bf16, _ = training_precision(options)
+    target, tokenizer = load_reference_target(dtype=torch.bfloat16 if bf16 else torch.float32)
     started = time.perf_counter()
     drafter, trainer = train_drafter(target, tokenizer, options)
     trained = time.perf_counter() - started

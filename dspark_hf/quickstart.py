@@ -24,7 +24,7 @@ from .data import build_dataset, load_onpolicy_rows, load_prompts, reference_tra
 from .draft_vocab import load_token_ranking, ranked_vocab
 from .modeling_dspark import DSparkForCausalLM
 from .muon_adamw import MATRIX_OPTIMIZERS
-from .onpolicy import answer_counts
+from .onpolicy import answer_counts, cpu_has_native_bf16
 from .recipes import get_recipe
 from .reference_target import load_reference_target
 from .trainer import DSparkTrainer
@@ -94,11 +94,12 @@ class QuickstartOptions:
     confidence_detach_backbone: bool = field(
         default=False, metadata={"help": "Keep the confidence loss from reaching the backbone."}
     )
-    bf16: bool = field(
-        default=True,
+    bf16: bool | None = field(
+        default=None,
         metadata={
-            "help": "Train against a bfloat16 copy of the target, the drafter under bfloat16 "
-            "autocast (float32 weights)."
+            "help": "Train against a bfloat16 copy of the target, the drafter under bfloat16 autocast "
+            "(float32 weights). Default: on where the CPU multiplies bfloat16 natively (AMX or AVX-512 "
+            "BF16), off elsewhere (an AVX2 CPU emulates bfloat16 several times slower than float32)."
         },
     )
     max_length: int = field(default=384, metadata={"help": "Tokens per training sequence."})
@@ -147,6 +148,15 @@ def build_drafter(target, tokenizer, options: QuickstartOptions) -> DSparkForCau
     return drafter
 
 
+def training_precision(options: QuickstartOptions) -> tuple[bool, str]:
+    """Whether the options train in bfloat16, and why (`bf16=None` follows the CPU)."""
+    if options.bf16 is not None:
+        return options.bf16, "as requested"
+    if cpu_has_native_bf16():
+        return True, "this CPU multiplies bfloat16 natively"
+    return False, "this CPU has no native bfloat16 matrix unit, where float32 is several times faster"
+
+
 def training_arguments(options: QuickstartOptions, **overrides) -> DSparkTrainingArguments:
     """The options' `DSparkTrainingArguments`, with the recipe's loss weights."""
     settings = {
@@ -167,7 +177,7 @@ def training_arguments(options: QuickstartOptions, **overrides) -> DSparkTrainin
         "report_to": [],
         "seed": options.seed,
         "dataloader_num_workers": 0,
-        **({"bf16": True, "use_cpu": True} if options.bf16 else {}),
+        **({"bf16": True, "use_cpu": True} if training_precision(options)[0] else {}),
         **get_recipe(options.recipe).training,
     }
     return DSparkTrainingArguments(**{**settings, **overrides})
@@ -175,7 +185,7 @@ def training_arguments(options: QuickstartOptions, **overrides) -> DSparkTrainin
 
 def train_drafter(target, tokenizer, options: QuickstartOptions) -> tuple[DSparkForCausalLM, DSparkTrainer]:
     """Train a fresh drafter for `target` on the vendored training rows; returns it and its trainer. With
-    `options.bf16`, pass the target in bfloat16."""
+    bfloat16 training (`training_precision`), pass the target in bfloat16."""
     dataset = build_dataset(reference_training_rows("train"), tokenizer, max_length=options.max_length)
     trainer = DSparkTrainer(
         model=build_drafter(target, tokenizer, options),
@@ -332,12 +342,21 @@ def run_quickstart(options: QuickstartOptions | None = None) -> dict:
     started = time.perf_counter()
     print("[1/3] preparing the target (SmolLM2-135M-Instruct; the first run converts the GGUF, ~30 s)")
     target, tokenizer = load_reference_target()
-    print(f"[2/3] training a drafter ({options.recipe} recipe, {options.max_train_minutes} min)")
-    training_target = load_reference_target(dtype=torch.bfloat16)[0] if options.bf16 else target
+    bf16, reason = training_precision(options)
+    print(
+        f"[2/3] training a drafter ({options.recipe} recipe, {options.max_train_minutes} min) in "
+        f"{'bfloat16' if bf16 else 'float32'}: {reason}"
+    )
+    training_target = load_reference_target(dtype=torch.bfloat16)[0] if bf16 else target
     drafter, trainer = train_drafter(training_target, tokenizer, options)
     print("[3/3] evaluating against plain decoding")
     results = evaluate(target, tokenizer, drafter, options)
-    results["training"] = {"steps": trainer.state.global_step, "recipe": options.recipe}
+    results["training"] = {
+        "steps": trainer.state.global_step,
+        "recipe": options.recipe,
+        "precision": "bfloat16" if bf16 else "float32",
+        "precision_reason": reason,
+    }
     results["held_out_teacher_forced"] = held_out_acceptance(trainer, tokenizer, options)
     results["options"] = asdict(options)
     results["total_minutes"] = (time.perf_counter() - started) / 60
