@@ -54,6 +54,8 @@ VARIANTS: dict[str, dict] = {
     "warm_start": {"layer_init": "target"},
     "muon": {"matrix_optimizer": "muon"},
     "warm_start_muon": {"layer_init": "target", "matrix_optimizer": "muon"},
+    "warm_start_lr_2e-3": {"layer_init": "target", "learning_rate": 2e-3},
+    "warm_start_muon_lr_2e-3": {"layer_init": "target", "matrix_optimizer": "muon", "learning_rate": 2e-3},
     "one_layer": {"num_hidden_layers": 1},
     "float32": {"bf16": False},
 }
