@@ -32,6 +32,7 @@ from .formats.weights import read_config_dict, write_native_folder
 from .generation.drafting import DSparkGenerationMixin
 from .heads import ConfidenceHead, build_markov_head
 from .hub.model_card import DSparkHubMixin
+from .warm_start import LAYER_INITS, LayerInit, feeding_layer_id, initialize_from_target, warm_start_layer_ids
 
 logger = logging.get_logger(__name__)
 
@@ -223,14 +224,19 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         target_model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase | None = None,
         dtype: torch.dtype | None = None,
+        layer_init: LayerInit = "random",
         **config_overrides,
     ) -> DSparkForCausalLM:
-        """A freshly initialised drafter for `target_model`, sharing copies of its embedding and LM head.
+        """A new drafter for `target_model`, sharing copies of its embedding and LM head.
 
         With the target's `tokenizer`, the mask token defaults to an id that text and the chat template never
         produce (`reserved_mask_token_id`); an explicit `mask_token_id` wins. `dtype` defaults to the
         target's; mixed-precision training of a bfloat16 target wants `torch.float32` master weights.
+        `layer_init="target"` warm-starts the draft layers as copies of the target's last `num_hidden_layers`
+        layers (`dspark_hf.warm_start`); the layer that feeds them joins `target_layer_ids` if it is missing.
         """
+        if layer_init not in LAYER_INITS:
+            raise ValueError(f"layer_init must be one of {LAYER_INITS}, got {layer_init!r}.")
         if "mask_token_id" not in config_overrides:
             if tokenizer is not None:
                 config_overrides["mask_token_id"] = reserved_mask_token_id(
@@ -243,11 +249,32 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
                     "`tokenizer=` to reserve an id that text never produces."
                 )
         config = DSparkConfig.from_target_config(target_model.config, **config_overrides)
+        if layer_init == "target":
+            config = cls._warm_start_config(config, config_overrides)
         drafter = cls(config).to(dtype or target_model.dtype)
         with torch.no_grad():
             drafter.embed_tokens.weight.copy_(target_model.get_input_embeddings().weight)
             drafter.lm_head.weight.copy_(target_model.get_output_embeddings().weight)
+        if layer_init == "target":
+            initialize_from_target(drafter, target_model)
         return drafter
+
+    @staticmethod
+    def _warm_start_config(config: DSparkConfig, overrides: dict) -> DSparkConfig:
+        """`config` whose `target_layer_ids` capture the layer that feeds the copied ones."""
+        feeding = feeding_layer_id(config.num_target_layers, config.num_hidden_layers)
+        if feeding in config.target_layer_ids:
+            return config
+        if "target_layer_ids" in overrides:
+            raise ValueError(
+                f"layer_init='target' copies the target's layers from {feeding + 1} on, so target_layer_ids "
+                f"must include {feeding} (the layer that feeds them); got {config.target_layer_ids}."
+            )
+        config.target_layer_ids = warm_start_layer_ids(
+            config.target_layer_ids, config.num_target_layers, config.num_hidden_layers
+        )
+        config.check_values()
+        return config
 
     @classmethod
     def from_pretrained(

@@ -101,3 +101,16 @@ def test_from_target_with_the_tokenizer_reserves_a_mask_token_text_never_produce
         plain = DSparkForCausalLM.from_target(target, num_hidden_layers=1)
     assert plain.config.mask_token_id == tokenizer.pad_token_id  # the old rule, with a warning
     assert "tokenizer" in caplog.text
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_quickstart_trains_in_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch, native):
+    from dspark_hf import quickstart
+
+    monkeypatch.setattr(quickstart, "cpu_has_native_bf16", lambda: native)
+    default = quickstart.QuickstartOptions()
+    assert default.bf16 is None and quickstart.training_precision(default)[0] is native
+    assert quickstart.training_arguments(default).bf16 is native
+    for requested in (True, False):
+        options = quickstart.QuickstartOptions(bf16=requested)
+        assert quickstart.training_precision(options) == (requested, "as requested")

@@ -15,6 +15,7 @@ from transformers import TrainingArguments
 
 from dspark_hf import DSparkForCausalLM
 from dspark_hf.training.arguments import DSparkTrainingArguments
+from dspark_hf.training.target_cache import row_key
 from dspark_hf.training.trainer import (
     DSparkDataCollator,
     DSparkTrainer,
@@ -518,6 +519,50 @@ def test_markov_head_learning_rate_multiplier(tmp_path):
     assert sorted(grouped) == sorted(trainable)
 
 
+def test_muon_updates_the_hidden_matrices_and_adamw_the_rest(tmp_path):
+    from dspark_hf.training.muon_adamw import MuonAdamW, is_hidden_matrix
+
+    target = make_target()
+    drafter = make_drafter(target)
+    before = snapshot(drafter)
+    trainer = _train_a_few_steps(
+        drafter,
+        target,
+        tmp_path,
+        matrix_optimizer="muon",
+        markov_head_lr_multiplier=10.0,
+        save_strategy="steps",
+        save_steps=2,
+    )
+    optimizer = trainer.optimizer.optimizer  # accelerate's wrapper around ours
+    assert isinstance(optimizer, MuonAdamW)
+    named = dict(trainer.model.named_parameters())
+    muon = {id(p) for group in optimizer.muon.param_groups for p in group["params"]}
+    adamw = {id(p) for group in optimizer.adamw.param_groups for p in group["params"]}
+    assert muon == {id(p) for n, p in named.items() if p.requires_grad and is_hidden_matrix(n, p)}
+    assert adamw == {id(p) for p in named.values() if p.requires_grad} - muon
+    assert {id(p) for n, p in named.items() if n.startswith("markov_head.")} <= adamw
+    # one schedule drives both halves, the Markov head still at its multiple of the rate
+    rates = {group["initial_lr"] for group in optimizer.param_groups}
+    assert len(rates) == 2 and max(rates) == pytest.approx(10 * min(rates))
+    after = snapshot(trainer.model)
+    for name in ("layers.0.self_attn.q_proj.weight", "fc.weight", "markov_head.markov_w2.weight"):
+        assert not torch.equal(before[name], after[name]), name
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(before[name], after[name]), name
+    # a checkpoint's optimizer state (both halves) restores into a fresh trainer, which trains on
+    resumed = DSparkTrainer(
+        model=make_drafter(target),
+        target_model=target,
+        args=make_args(tmp_path / "resumed", matrix_optimizer="muon", max_steps=3),
+        train_dataset=Dataset.from_list(make_rows(target, 4)),
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 3
+    restored = resumed.optimizer.optimizer.muon.state_dict()["state"]
+    assert restored and all("momentum_buffer" in state for state in restored.values())
+
+
 def test_detached_confidence_input_trains_the_head_only():
     target = make_target()
     drafter = make_drafter(target)
@@ -715,3 +760,74 @@ def test_build_drafter_applies_the_recipe_over_the_shape(tmp_path):
     assert drafter.markov_head is None and drafter.confidence_head is None
     drafter.save_pretrained(tmp_path / "saved")
     assert build_drafter(target, None, drafter=str(tmp_path / "saved")).config.markov_rank == 0
+
+
+def _cache_trainer(target, tmp_path, cache_dir, **overrides):
+    return DSparkTrainer(
+        model=make_drafter(target),
+        target_model=target,
+        args=make_args(tmp_path, target_cache_dir=str(cache_dir), **overrides),
+        train_dataset=Dataset.from_list(make_rows(target, 4)),
+    )
+
+
+def test_target_cache_gives_the_online_loss_and_gradients(tmp_path):
+    target = make_target()
+    batch = DSparkDataCollator(pad_token_id=0)(make_rows(target, 3))  # uneven lengths: padded rows
+    batch["anchors"], batch["anchor_keep"] = sample_anchors(batch["loss_mask"], 6, seeds=[1, 2, 3])
+    online = DSparkTrainer(
+        model=make_drafter(target), target_model=target, args=make_args(tmp_path / "online")
+    )
+    cached = _cache_trainer(target, tmp_path / "cached", tmp_path / "cache")
+    expected_loss, expected_grads = _loss_and_grads(online, batch)
+    for attempt in ("first pass: computed and stored", "second pass: read from disk"):
+        loss, grads = _loss_and_grads(cached, batch)
+        torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0, msg=attempt)
+        assert grads.keys() == expected_grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, expected_grads[name], rtol=0, atol=0, msg=f"{attempt}: {name}")
+    assert (cached._target_cache.misses, cached._target_cache.hits) == (3, 3)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+
+
+def test_target_cache_serves_later_epochs_and_skips_the_target(tmp_path):
+    target = make_target()
+    calls = []
+    target.model.register_forward_hook(lambda *args: calls.append(1))
+    trainer = _cache_trainer(target, tmp_path, tmp_path / "cache", num_train_epochs=3, max_steps=-1)
+    calls.clear()  # making the rows ran the target
+    trainer.train()
+    cache = trainer._target_cache
+    assert (cache.misses, cache.hits) == (4, 8) and len(calls) == 1  # one target forward, in epoch 1
+    assert trainer.state.log_history[-1]["target_cache_gb"] > 0
+    resumed = _cache_trainer(target, tmp_path / "again", tmp_path / "cache")
+    calls.clear()
+    resumed.train()
+    assert resumed._target_cache.misses == 0 and not calls  # a new run reads the same entries
+
+
+def test_target_cache_refuses_another_target_or_other_layers_and_ignores_partial_entries(tmp_path):
+    target = make_target()
+    trainer = _cache_trainer(target, tmp_path, tmp_path / "cache")
+    trainer.train()
+    with pytest.raises(ValueError, match="another target weights or config"):
+        _cache_trainer(make_target(seed=5), tmp_path, tmp_path / "cache")
+    with pytest.raises(ValueError, match="another target_layer_ids"):
+        DSparkTrainer(
+            model=make_drafter(target, target_layer_ids=[0, 1]),
+            target_model=target,
+            args=make_args(tmp_path, target_cache_dir=str(tmp_path / "cache")),
+            train_dataset=None,
+        )
+    # A write interrupted before its rename leaves a temporary file, which is never read.
+    row = torch.tensor([5, 6, 7])
+    entry = tmp_path / "cache" / f"{row_key(row)}.safetensors.tmp-123"
+    entry.write_bytes(b"half an entry")
+    assert trainer._target_cache.get(row) is None
+
+
+def test_target_cache_stays_within_its_size_bound(tmp_path):
+    target = make_target()
+    trainer = _cache_trainer(target, tmp_path, tmp_path / "cache", target_cache_max_gb=1e-9)
+    trainer.train()
+    assert not list((tmp_path / "cache").glob("*.safetensors")) and trainer._target_cache.hits == 0

@@ -23,11 +23,13 @@ from ..scheduling.cost_profile import profile_cost
 from ..training.arguments import DSparkTrainingArguments
 from ..training.data import build_dataset, load_onpolicy_rows, load_prompts, reference_training_rows
 from ..training.draft_vocab import load_token_ranking, ranked_vocab
+from ..training.muon_adamw import MATRIX_OPTIMIZERS
 from ..training.recipes import get_recipe
 from ..training.trainer import DSparkTrainer
 from ..training.workflow import build_drafter
+from ..warm_start import LAYER_INITS
 from .benchmarking import encode_chat_prompt, json_safe, run_interleaved, summarize, timed_generate
-from .onpolicy import answer_counts
+from .onpolicy import answer_counts, cpu_has_native_bf16
 from .target import load_reference_target
 
 EVAL_DATASETS = ("gsm8k", "mt-bench", "humaneval")
@@ -50,6 +52,13 @@ class QuickstartOptions:
         },
     )
     num_hidden_layers: int = field(default=2, metadata={"help": "Drafter decoder layers."})
+    layer_init: str = field(
+        default="random",
+        metadata={
+            "help": "How the draft layers start: random, or target (copies of the target's last layers).",
+            "choices": list(LAYER_INITS),
+        },
+    )
     block_size: int = field(default=7, metadata={"help": "Tokens drafted per block."})
     markov_rank: int = field(default=128, metadata={"help": "Rank of the Markov head (0: none)."})
     markov_head_type: str = field(default="vanilla", metadata={"help": "vanilla, gated or rnn."})
@@ -72,14 +81,26 @@ class QuickstartOptions:
     markov_head_lr_multiplier: float = field(
         default=10.0, metadata={"help": "Learning rate of the Markov head relative to the rest."}
     )
+    matrix_optimizer: str = field(
+        default="adamw",
+        metadata={
+            "help": "Optimizer of the draft layers' weight matrices: adamw, or muon (AdamW for the rest).",
+            "choices": list(MATRIX_OPTIMIZERS),
+        },
+    )
+    target_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Cache the target's hidden states here; epochs after the first skip the target."},
+    )
     confidence_detach_backbone: bool = field(
         default=False, metadata={"help": "Keep the confidence loss from reaching the backbone."}
     )
-    bf16: bool = field(
-        default=True,
+    bf16: bool | None = field(
+        default=None,
         metadata={
-            "help": "Train against a bfloat16 copy of the target, the drafter under bfloat16 "
-            "autocast (float32 weights)."
+            "help": "Train against a bfloat16 copy of the target, the drafter under bfloat16 autocast "
+            "(float32 weights). Default: on where the CPU multiplies bfloat16 natively (AMX or AVX-512 "
+            "BF16), off elsewhere (an AVX2 CPU emulates bfloat16 several times slower than float32)."
         },
     )
     max_length: int = field(default=384, metadata={"help": "Tokens per training sequence."})
@@ -114,6 +135,7 @@ def quickstart_drafter(target, tokenizer, options: QuickstartOptions) -> DSparkF
         options.recipe,
         target_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
         dtype=torch.float32,
+        layer_init=options.layer_init,
         num_hidden_layers=options.num_hidden_layers,
         block_size=options.block_size,
         markov_rank=options.markov_rank,
@@ -123,6 +145,15 @@ def quickstart_drafter(target, tokenizer, options: QuickstartOptions) -> DSparkF
         ranking = load_token_ranking()
         drafter.set_draft_vocab(ranked_vocab(ranking, options.draft_vocab_size, [tokenizer.eos_token_id]))
     return drafter
+
+
+def training_precision(options: QuickstartOptions) -> tuple[bool, str]:
+    """Whether the options train in bfloat16, and why (`bf16=None` follows the CPU)."""
+    if options.bf16 is not None:
+        return options.bf16, "as requested"
+    if cpu_has_native_bf16():
+        return True, "this CPU multiplies bfloat16 natively"
+    return False, "this CPU has no native bfloat16 matrix unit, where float32 is several times faster"
 
 
 def training_arguments(options: QuickstartOptions, **overrides) -> DSparkTrainingArguments:
@@ -135,6 +166,8 @@ def training_arguments(options: QuickstartOptions, **overrides) -> DSparkTrainin
         "num_anchors": options.num_anchors,
         "ce_warmup_fraction": options.ce_warmup_fraction,
         "markov_head_lr_multiplier": options.markov_head_lr_multiplier,
+        "matrix_optimizer": options.matrix_optimizer,
+        "target_cache_dir": options.target_cache_dir,
         "confidence_detach_backbone": options.confidence_detach_backbone,
         "per_device_train_batch_size": options.per_device_train_batch_size,
         "gradient_accumulation_steps": options.gradient_accumulation_steps,
@@ -143,7 +176,7 @@ def training_arguments(options: QuickstartOptions, **overrides) -> DSparkTrainin
         "report_to": [],
         "seed": options.seed,
         "dataloader_num_workers": 0,
-        **({"bf16": True, "use_cpu": True} if options.bf16 else {}),
+        **({"bf16": True, "use_cpu": True} if training_precision(options)[0] else {}),
         **get_recipe(options.recipe).training,
     }
     return DSparkTrainingArguments(**{**settings, **overrides})
@@ -153,7 +186,7 @@ def train_quickstart_drafter(
     target, tokenizer, options: QuickstartOptions
 ) -> tuple[DSparkForCausalLM, DSparkTrainer]:
     """Train a fresh drafter for `target` on the vendored training rows; returns it and its trainer. With
-    `options.bf16`, pass the target in bfloat16."""
+    bfloat16 training (`training_precision`), pass the target in bfloat16."""
     dataset = build_dataset(reference_training_rows("train"), tokenizer, max_length=options.max_length)
     trainer = DSparkTrainer(
         model=quickstart_drafter(target, tokenizer, options),
@@ -310,12 +343,21 @@ def run_quickstart(options: QuickstartOptions | None = None) -> dict:
     started = time.perf_counter()
     print("[1/3] preparing the target (SmolLM2-135M-Instruct; the first run converts the GGUF, ~30 s)")
     target, tokenizer = load_reference_target()
-    print(f"[2/3] training a drafter ({options.recipe} recipe, {options.max_train_minutes} min)")
-    training_target = load_reference_target(dtype=torch.bfloat16)[0] if options.bf16 else target
+    bf16, reason = training_precision(options)
+    print(
+        f"[2/3] training a drafter ({options.recipe} recipe, {options.max_train_minutes} min) in "
+        f"{'bfloat16' if bf16 else 'float32'}: {reason}"
+    )
+    training_target = load_reference_target(dtype=torch.bfloat16)[0] if bf16 else target
     drafter, trainer = train_quickstart_drafter(training_target, tokenizer, options)
     print("[3/3] evaluating against plain decoding")
     results = evaluate(target, tokenizer, drafter, options)
-    results["training"] = {"steps": trainer.state.global_step, "recipe": options.recipe}
+    results["training"] = {
+        "steps": trainer.state.global_step,
+        "recipe": options.recipe,
+        "precision": "bfloat16" if bf16 else "float32",
+        "precision_reason": reason,
+    }
     results["held_out_teacher_forced"] = held_out_acceptance(trainer, tokenizer, options)
     results["options"] = asdict(options)
     results["total_minutes"] = (time.perf_counter() - started) / 60

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .muon_adamw import MATRIX_OPTIMIZERS
+
 
 @dataclass
 class DSparkTrainingArguments(TrainingArguments):
@@ -41,6 +43,9 @@ class DSparkTrainingArguments(TrainingArguments):
         markov_head_lr_multiplier (`float`, *optional*, defaults to `1.0`):
             The Markov head's learning rate is `learning_rate` times this; its low-rank factors start at
             N(0, 0.02) and otherwise grow slowly towards the backbone's logit scale.
+        matrix_optimizer (`str`, *optional*, defaults to `"adamw"`):
+            `"muon"` updates the weight matrices of the draft layers and of `fc` with `torch.optim.Muon`
+            (learning rate matched to AdamW's update size) and every other trainable parameter with AdamW.
 
         > Parameters that control the drafted blocks
 
@@ -56,6 +61,14 @@ class DSparkTrainingArguments(TrainingArguments):
             schedule follows the clock instead of the step count: `warmup_steps` is then a fraction of the
             budget, and the rate reaches its final value when the budget ends. `max_steps` /
             `num_train_epochs` still cap the run. A resumed run continues the budget of its checkpoint.
+        target_cache_dir (`str`, *optional*):
+            Folder of the target-feature cache (`dspark_hf.training.target_cache`): the first pass over a row
+            stores the target's captured features and final hidden state; later passes read them and skip
+            the target, which is about half of a step's compute. Keyed by the row's token ids under a
+            manifest of the target's fingerprint, `target_layer_ids` and precision; a folder of another
+            target is refused.
+        target_cache_max_gb (`float`, *optional*, defaults to `50.0`):
+            Size bound of the cache; rows past it are computed online each time.
         draft_vocab_training (`bool`, *optional*, defaults to `True`):
             When the drafter has a draft vocabulary (`set_draft_vocab`), compute its training logits over that
             vocabulary plus the batch's prompt tokens only (what it can draft), with the target mass outside
@@ -103,12 +116,30 @@ class DSparkTrainingArguments(TrainingArguments):
     num_anchors: int = field(
         default=512, metadata={"help": "Maximum number of block anchors sampled per sequence."}
     )
+    matrix_optimizer: str = field(
+        default="adamw",
+        metadata={
+            "help": "Optimizer of the draft layers' weight matrices: adamw, or muon (torch.optim.Muon; every "
+            "other parameter keeps AdamW).",
+            "choices": list(MATRIX_OPTIMIZERS),
+        },
+    )
 
     max_train_minutes: float | None = field(
         default=None,
         metadata={
             "help": "Wall-clock training budget (minutes) that ends training and drives the LR schedule."
         },
+    )
+    target_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Cache the target's hidden states of each training row here on its first pass; later "
+            "epochs (and resumed runs) read them instead of running the target."
+        },
+    )
+    target_cache_max_gb: float = field(
+        default=50.0, metadata={"help": "Size bound of target_cache_dir; rows past it are computed online."}
     )
     draft_vocab_training: bool = field(
         default=True,
@@ -134,6 +165,10 @@ class DSparkTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.matrix_optimizer not in MATRIX_OPTIMIZERS:
+            raise ValueError(
+                f"matrix_optimizer must be one of {MATRIX_OPTIMIZERS}, got {self.matrix_optimizer!r}."
+            )
         if self.num_anchors < 1:
             raise ValueError(f"num_anchors must be >= 1, got {self.num_anchors}.")
         if not self.decay_gamma > 0:
@@ -156,6 +191,8 @@ class DSparkTrainingArguments(TrainingArguments):
                     "With max_train_minutes, warmup_steps must be a fraction of the budget in [0, 1), got "
                     f"{self.warmup_steps}."
                 )
+        if not self.target_cache_max_gb > 0:
+            raise ValueError(f"target_cache_max_gb must be > 0, got {self.target_cache_max_gb}.")
         if self.remove_unused_columns:
             raise ValueError(
                 "remove_unused_columns=True would drop the `loss_mask` column the DSparkTrainer needs; "

@@ -28,16 +28,21 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.trainer_utils import get_last_checkpoint
-from transformers.utils import is_peft_available
+from transformers.utils import is_peft_available, logging
 
 from ..generation.target_tap import LayerFeatures, check_target_compatibility, expected_tau
 from ..hub.model_card import write_model_card
 from .arguments import DSparkTrainingArguments
 from .loss import DSparkLossOutput, dspark_loss, position_weights, target_distribution
+from .muon_adamw import MuonAdamW, split_for_muon
+from .target_cache import TargetFeatureCache
 from .time_budget import WallClockBudget
 
 # Parameters copied from the target: frozen, never trained, never part of an adapter.
 FROZEN_MODULES = ("embed_tokens", "lm_head")
+
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -69,6 +74,14 @@ class DSparkDataCollator:
             loss_mask[row, : i.numel()] = m
             attention_mask[row, : i.numel()] = 1
         return {"input_ids": input_ids, "loss_mask": loss_mask, "attention_mask": attention_mask}
+
+
+def pad_rows(rows: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """Rows [T_i, d] stacked into [B, length, d], zeros after each row's end."""
+    out = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+    for index, row in enumerate(rows):
+        out[index, : row.shape[0]] = row
+    return out
 
 
 def anchor_candidates(loss_mask: torch.Tensor) -> torch.Tensor:
@@ -271,6 +284,16 @@ class DSparkTrainer(Trainer):
         self._target_decoder = unwrapped_target.get_decoder()
         self._target_lm_head = unwrapped_target.get_output_embeddings()
         self._drafter_config = self.accelerator.unwrap_model(self.model).config
+        self._target_cache = None
+        if args.target_cache_dir is not None:
+            precision = f"{unwrapped_target.dtype}, bf16 autocast {args.bf16}, fp16 autocast {args.fp16}"
+            self._target_cache = TargetFeatureCache(
+                args.target_cache_dir,
+                unwrapped_target,
+                self._drafter_config.target_layer_ids,
+                precision,
+                args.target_cache_max_gb,
+            )
         # Per mode ("train"/"eval"): running sums of metric numerators and denominators since the last log.
         self._metric_sums: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -289,24 +312,34 @@ class DSparkTrainer(Trainer):
         return {"ce_weight": self.args.ce_weight, "l1_weight": self.args.l1_weight}
 
     def create_optimizer(self, model: nn.Module | None = None):
-        """`Trainer.create_optimizer`, then the Markov head's parameters get their own learning rate."""
+        """`Trainer.create_optimizer`, then the Markov head's parameters get their own learning rate and, with
+        `matrix_optimizer="muon"`, Muon takes over the draft layers' weight matrices."""
         created = self.optimizer is None
         optimizer = super().create_optimizer(model)
-        multiplier = self.args.markov_head_lr_multiplier
-        if multiplier == 1.0 or not created:
+        if not created:
             return optimizer
+        groups = self._markov_head_groups(optimizer.param_groups)
+        if self.args.matrix_optimizer == "muon":
+            self.optimizer = MuonAdamW(*split_for_muon(self.model, groups))
+            return self.optimizer
+        optimizer.param_groups.clear()
+        for group in groups:
+            optimizer.add_param_group(group)
+        return optimizer
+
+    def _markov_head_groups(self, param_groups: list[dict]) -> list[dict]:
+        """`param_groups` with the Markov head's parameters in groups of their own, at
+        `markov_head_lr_multiplier` times the rate."""
+        multiplier = self.args.markov_head_lr_multiplier
         markov = {id(p) for n, p in self.model.named_parameters() if "markov_head." in n and p.requires_grad}
         groups = []
-        for group in optimizer.param_groups:
+        for group in param_groups:
             for is_markov in (False, True):
                 params = [p for p in group["params"] if (id(p) in markov) == is_markov]
                 if params:
                     lr = group["lr"] * (multiplier if is_markov else 1.0)
                     groups.append({**group, "params": params, "lr": lr})
-        optimizer.param_groups.clear()
-        for group in groups:
-            optimizer.add_param_group(group)
-        return optimizer
+        return groups
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
         """Under `max_train_minutes` the rate follows the clock (see `WallClockBudget`), else the steps."""
@@ -326,7 +359,11 @@ class DSparkTrainer(Trainer):
                 checkpoint = get_last_checkpoint(self.args.output_dir)
             if checkpoint:
                 self._budget.restore(checkpoint)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if self._target_cache is not None:
+            logger.info(self._target_cache.describe())
+            self.log(self._target_cache.stats())
+        return output
 
     # ---- one step ----------------------------------------------------------------------------------------
 
@@ -357,6 +394,34 @@ class DSparkTrainer(Trainer):
 
     @torch.no_grad()
     def _target_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`_compute_target_states`, read from the target cache for the rows it holds (right-padded batches;
+        padding positions are zeros, which no block sees)."""
+        cache = self._target_cache
+        if cache is None:
+            return self._compute_target_states(input_ids, attention_mask)
+        lengths = attention_mask.sum(dim=1)
+        if not torch.equal(
+            attention_mask.bool(), torch.arange(input_ids.shape[1], device=lengths.device) < lengths[:, None]
+        ):
+            raise ValueError("target_cache_dir needs right-padded batches (DSparkDataCollator's).")
+        rows = [ids[:length] for ids, length in zip(input_ids, lengths.tolist())]
+        states = [cache.get(row) for row in rows]
+        missing = [i for i, state in enumerate(states) if state is None]
+        if missing:
+            features, last_hidden = self._compute_target_states(input_ids[missing], attention_mask[missing])
+            for j, i in enumerate(missing):
+                length = rows[i].numel()
+                states[i] = features[j, :length], last_hidden[j, :length]
+                cache.put(rows[i], *states[i])
+        length = input_ids.shape[1]
+        return tuple(
+            pad_rows([state[part] for state in states], length).to(input_ids.device) for part in (0, 1)
+        )
+
+    @torch.no_grad()
+    def _compute_target_states(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Concatenated features of `target_layer_ids` [B, T, m*d] and the final-norm hidden state [B, T, d].
