@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import sys
 import tempfile
 import time
@@ -31,7 +29,7 @@ from pathlib import Path
 import torch
 
 from dspark_hf.generation.batched_decoding import decode_shrinking_batch
-from dspark_hf.reference.onpolicy import cpu_has_native_bf16
+from dspark_hf.hardware import cpu_description
 from dspark_hf.reference.target import load_reference_target
 from dspark_hf.training.data import load_onpolicy_rows, regenerate_responses
 
@@ -108,16 +106,6 @@ def measure_natural(model, tokenizer, prompts: list[str], batch_size: int, max_n
         "identical_answers": agree,
         "tokens_per_s": {name: tokens / value for name, value in seconds.items()},
         "speedup": seconds["generate"] / seconds["shrinking"],
-    }
-
-
-def cpu_description() -> dict:
-    """CPU model and whether it multiplies bfloat16 natively: the dtype ranking depends on it."""
-    model_names = re.findall(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
-    return {
-        "model": model_names[0] if model_names else platform.processor(),
-        "capability": torch.backends.cpu.get_cpu_capability(),
-        "native_bf16": cpu_has_native_bf16(),
     }
 
 

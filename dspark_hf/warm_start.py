@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .target_tap import decoder_layers
+from .generation.target_tap import decoder_layers
 
 LayerInit = Literal["random", "target"]
 LAYER_INITS: tuple[str, ...] = ("random", "target")

@@ -105,7 +105,7 @@ def test_from_target_with_the_tokenizer_reserves_a_mask_token_text_never_produce
 
 @pytest.mark.parametrize("native", [True, False])
 def test_quickstart_trains_in_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch, native):
-    from dspark_hf import quickstart
+    from dspark_hf.reference import quickstart
 
     monkeypatch.setattr(quickstart, "cpu_has_native_bf16", lambda: native)
     default = quickstart.QuickstartOptions()

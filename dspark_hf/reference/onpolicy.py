@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..hardware import cpu_has_native_bf16
 from ..training.data import (
     GSM8K_EVAL_ROWS,
     GSM8K_PROMPT_SUFFIX,
@@ -212,16 +213,6 @@ def build_onpolicy_data(args: OnPolicyDataArguments, model=None, tokenizer=None)
     if args.vendor_to:
         vendor_answers(args.output, args.vendor_to)
     return records
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 matrices natively (AMX or AVX-512 BF16); without them torch
-    emulates bfloat16 matmuls and float32 is faster."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", flags))
 
 
 def generation_dtype(name: str) -> torch.dtype:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..hardware import cpu_has_native_bf16
 from ..modeling_dspark import DSparkForCausalLM
 from ..scheduling.cost_profile import profile_cost
 from ..training.arguments import DSparkTrainingArguments
@@ -29,7 +30,7 @@ from ..training.trainer import DSparkTrainer
 from ..training.workflow import build_drafter
 from ..warm_start import LAYER_INITS
 from .benchmarking import encode_chat_prompt, json_safe, run_interleaved, summarize, timed_generate
-from .onpolicy import answer_counts, cpu_has_native_bf16
+from .onpolicy import answer_counts
 from .target import load_reference_target
 
 EVAL_DATASETS = ("gsm8k", "mt-bench", "humaneval")
