@@ -9,6 +9,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 import dspark_hf.hub.push
 import dspark_hf.reference.onpolicy
@@ -234,3 +235,22 @@ def test_push_flags_become_the_publish_call(record, tmp_path, capsys):
     main(["push", "folder", "org/d"])
     assert calls[1][1] == {"private": None, "results": None}
     assert exit_code(["push", "folder"]) == 2
+
+
+@pytest.mark.parametrize("native, expected", [(True, "auto"), (False, torch.float32)])
+def test_train_loads_a_target_in_bfloat16_only_where_the_cpu_multiplies_it_natively(
+    monkeypatch, native, expected
+):
+    from dspark_hf.training import workflow
+
+    monkeypatch.setattr(workflow, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(workflow.torch.cuda, "is_available", lambda: False)
+    assert workflow.target_load_dtype() == expected
+
+
+def test_train_layer_init_flag_reaches_a_fresh_drafter(record):
+    calls = record(dspark_hf.training.workflow, "train_drafter", result={})
+    main(["train", "--layer_init", "target"])
+    (script_args, _), _ = calls[0]
+    assert script_args.layer_init == "target"
+    assert exit_code(["train", "--layer_init", "copy"]) == 2

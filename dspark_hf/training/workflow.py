@@ -11,16 +11,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from ..formats.registry import NATIVE_LAYOUT, detect_layout
+from ..hardware import cpu_has_native_bf16
 from ..heads import MARKOV_HEADS
 from ..modeling_dspark import DSparkForCausalLM
 from ..reference.benchmarking import encode_chat_prompt
 from ..reference.target import load_reference_target
 from ..scheduling.calibration import calibrate_sts, format_calibration_table, record_calibration_rounds
 from ..scheduling.cost_profile import profile_cost
+from ..warm_start import LAYER_INITS
 from .arguments import DSparkTrainingArguments
 from .data import build_dataset, load_prompts, read_jsonl, reference_training_rows, regenerate_responses
 from .recipes import RECIPES, get_recipe
@@ -65,6 +68,14 @@ class TrainScriptArguments:
         metadata={
             "help": "Draft layers of a fresh drafter; None: DSparkConfig's.",
             "aliases": ["--num-layers", "--num_draft_layers"],
+        },
+    )
+    layer_init: str = field(
+        default="random",
+        metadata={
+            "help": "How a fresh drafter's layers start: random, or target (copies of the target's last "
+            "layers; dspark_hf.warm_start).",
+            "choices": list(LAYER_INITS),
         },
     )
     block_size: int | None = field(
@@ -117,12 +128,21 @@ class TrainScriptArguments:
         return {name: value for name, value in shape.items() if value is not None}
 
 
+def target_load_dtype() -> str | torch.dtype:
+    """The dtype to load a target in: its checkpoint's ("auto") on a GPU or on a CPU that multiplies
+    bfloat16 natively, float32 on a CPU that would emulate a bfloat16 checkpoint several times slower."""
+    if torch.cuda.is_available() or cpu_has_native_bf16():
+        return "auto"
+    return torch.float32
+
+
 def load_target(name_or_path: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The target in eval mode and its tokenizer; None loads the offline reference target."""
     if name_or_path is None:
         return load_reference_target()
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    return AutoModelForCausalLM.from_pretrained(name_or_path, dtype="auto").eval(), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=target_load_dtype())
+    return model.eval(), tokenizer
 
 
 def _first_user_turn(row: dict) -> str:
@@ -207,7 +227,12 @@ def train_drafter(
         dataset, eval_dataset = split["train"], split["test"]
     trainer = DSparkTrainer(
         model=build_drafter(
-            target, tokenizer, script_args.recipe, script_args.drafter, **script_args.drafter_overrides()
+            target,
+            tokenizer,
+            script_args.recipe,
+            script_args.drafter,
+            layer_init=script_args.layer_init,
+            **script_args.drafter_overrides(),
         ),
         target_model=target,
         args=training_args,
@@ -298,6 +323,7 @@ def calibrate_drafter(
 
 
 __all__ = [
+    "target_load_dtype",
     "TrainScriptArguments",
     "LORA_TARGET_MODULES",
     "load_target",
