@@ -10,7 +10,7 @@ teacher-forced acceptance per block position and expected tau on the 100 held-ou
 
 Every variant is a set of changes to the quickstart's options
 (`dspark_hf.reference.quickstart.QuickstartOptions`): round one changed one option at a time of the recipe
-before it, round two one option at a time of today's defaults (`current`). Results land in
+before it, round two one option at a time of the recipe after round one (`current`). Results land in
 `benchmarks/results/ablation/<variant>[_seed<N>].json`.
 """
 
@@ -36,13 +36,17 @@ from dspark_hf.reference.target import load_reference_target
 RESULTS = Path(__file__).resolve().parent / "results" / "ablation"
 # The quickstart's recipe before the first round of this ablation; round-one variants change one thing of it.
 ROUND_ONE_BASE = {
+    "layer_init": "random",
+    "matrix_optimizer": "adamw",
     "ce_warmup_fraction": 0.0,
     "markov_head_lr_multiplier": 1.0,
     "confidence_detach_backbone": False,
     "num_anchors": 64,
     "bf16": False,
 }
-# Each variant's full change to today's `QuickstartOptions` defaults; round two starts from those defaults.
+# The quickstart's recipe before round two (which made warm start and Muon the defaults).
+ROUND_TWO_BASE = {"layer_init": "random", "matrix_optimizer": "adamw"}
+# Each variant's full change to today's `QuickstartOptions` defaults.
 VARIANTS: dict[str, dict] = {
     "base": ROUND_ONE_BASE,
     "ce_warmup": {**ROUND_ONE_BASE, "ce_warmup_fraction": 0.25},
@@ -55,13 +59,13 @@ VARIANTS: dict[str, dict] = {
     "markov_lr_x10_bf16": {**ROUND_ONE_BASE, "markov_head_lr_multiplier": 10.0, "bf16": True},
     "dflash_recipe": {**ROUND_ONE_BASE, "recipe": "dflash"},
     "dflash_same_recipe": {**ROUND_ONE_BASE, "recipe": "dflash_same_recipe"},
-    # round two: today's quickstart recipe, then one change at a time
-    "current": {},
-    "warm_start": {"layer_init": "target"},
-    "muon": {"matrix_optimizer": "muon"},
-    "warm_start_muon": {"layer_init": "target", "matrix_optimizer": "muon"},
-    "warm_start_lr_2e-3": {"layer_init": "target", "learning_rate": 2e-3},
-    "warm_start_muon_lr_2e-3": {"layer_init": "target", "matrix_optimizer": "muon", "learning_rate": 2e-3},
+    # round two: the quickstart's recipe before it (random layers, AdamW), then one change at a time
+    "current": ROUND_TWO_BASE,
+    "warm_start": {**ROUND_TWO_BASE, "layer_init": "target"},
+    "muon": {**ROUND_TWO_BASE, "matrix_optimizer": "muon"},
+    "warm_start_muon": {},
+    "warm_start_lr_2e-3": {**ROUND_TWO_BASE, "layer_init": "target", "learning_rate": 2e-3},
+    "warm_start_muon_lr_2e-3": {"learning_rate": 2e-3},
     "one_layer": {"num_hidden_layers": 1},
     "float32": {"bf16": False},
 }
@@ -112,7 +116,7 @@ def summarize() -> str:
         per_position = " ".join(
             f"{held[f'acceptance_{k}']:.2f}" for k in range(1, 8) if f"acceptance_{k}" in held
         )
-        change = ", ".join(f"{k}={v}" for k, v in row["change"].items()) or "(today's quickstart recipe)"
+        change = ", ".join(f"{k}={v}" for k, v in row["change"].items()) or "(defaults of its day)"
         lines.append(
             f"| {row['variant']} | {row.get('seed', 0)} | {change} | {row['steps']} | "
             f"{held['expected_tau']:.3f} | {per_position} |"

@@ -54,7 +54,7 @@ class QuickstartOptions:
     )
     num_hidden_layers: int = field(default=2, metadata={"help": "Drafter decoder layers."})
     layer_init: str = field(
-        default="random",
+        default="target",
         metadata={
             "help": "How the draft layers start: random, or target (copies of the target's last layers).",
             "choices": list(LAYER_INITS),
@@ -83,7 +83,7 @@ class QuickstartOptions:
         default=10.0, metadata={"help": "Learning rate of the Markov head relative to the rest."}
     )
     matrix_optimizer: str = field(
-        default="adamw",
+        default="muon",
         metadata={
             "help": "Optimizer of the draft layers' weight matrices: adamw, or muon (AdamW for the rest).",
             "choices": list(MATRIX_OPTIMIZERS),
