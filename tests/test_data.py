@@ -183,6 +183,28 @@ def test_sharegpt_reader_stops_at_truncated_record(monkeypatch):
     assert list(iter_sharegpt_records(chunk_chars=16)) == records[:4]
 
 
+def test_an_interrupted_regeneration_keeps_every_finished_answer(tokenizer, tmp_path, monkeypatch):
+    """Answers are saved as they end, so Ctrl-C mid-batch loses only the unfinished ones."""
+    model = make_tiny_target(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+
+    def interrupted_decode(model, input_ids, *args, on_finished, **kwargs):
+        on_finished(1, [7, 8])  # the second prompt of the batch ends first
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "decode_shrinking_batch", interrupted_decode)
+    output = tmp_path / "responses.jsonl"
+    prompts = ["hello", "What is 2 + 2?", "how are you?"]
+    with pytest.raises(KeyboardInterrupt):
+        regenerate_responses(prompts, model, tokenizer, output, max_new_tokens=4, batch_size=8)
+    saved = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(saved) == 1 and saved[0]["prompt"] in prompts and saved[0]["truncated"]
+    monkeypatch.undo()
+    answers = regenerate_responses(prompts, model, tokenizer, output, max_new_tokens=4, batch_size=8)
+    assert [a["prompt"] for a in answers] == prompts and saved[0] in answers
+    assert len(output.read_text().splitlines()) == 3  # the saved answer was not generated again
+
+
 def test_regeneration_is_resumable(tokenizer, tmp_path, monkeypatch):
     model = make_tiny_target(
         vocab_size=len(tokenizer),

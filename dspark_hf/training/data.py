@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
@@ -317,8 +318,8 @@ def regenerate_responses(
     ``"temperature=T,top_p=P"``) are skipped, so an interrupted run resumes where it stopped, and one file
     can hold a greedy and a sampled answer per prompt. Pending prompts are batched by length (left padding)
     to waste little compute on padding, and each answer leaves its batch as soon as it ends
-    (:func:`~dspark_hf.generation.batched_decoding.decode_shrinking_batch`); each batch is flushed to disk as
-    soon as it finishes, and the progress bar shows generated tokens per second. ``truncated`` marks answers
+    (:func:`~dspark_hf.generation.batched_decoding.decode_shrinking_batch`); each answer is flushed to disk as
+    soon as it ends, and the progress bar shows generated tokens per second. ``truncated`` marks answers
     cut off at ``max_new_tokens``. Returns the records for ``prompts``, in order.
     """
     output_path = Path(output_path)
@@ -346,12 +347,29 @@ def regenerate_responses(
                 total=len(pending), desc=f"Regenerating ({label})", unit="prompt", disable=not show_progress
             ) as bar,
         ):
+
+            def save(batch: list[str], row: int, new_tokens: list[int]) -> None:
+                nonlocal generated
+                stop = next((j for j, t in enumerate(new_tokens) if t in eos_ids), None)
+                generated += len(new_tokens) if stop is None else stop + 1
+                record = {
+                    "prompt": batch[row],
+                    "response": tokenizer.decode(new_tokens[:stop], skip_special_tokens=True).strip(),
+                    "truncated": stop is None,
+                    "sampling": label,
+                }
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.flush()  # an interrupted run keeps every finished answer
+                done[batch[row], label] = record
+                bar.update(1)
+                bar.set_postfix(tokens_per_s=f"{generated / (time.perf_counter() - start):.0f}")
+
             for i in range(0, len(pending), batch_size):
                 batch = pending[i : i + batch_size]
                 inputs = tokenizer(
                     [texts[p] for p in batch], return_tensors="pt", padding=True, add_special_tokens=False
                 ).to(model.device)
-                answers = decode_shrinking_batch(
+                decode_shrinking_batch(
                     model,
                     inputs["input_ids"],
                     inputs["attention_mask"],
@@ -361,21 +379,8 @@ def regenerate_responses(
                     temperature=temperature,
                     top_p=top_p,
                     min_new_tokens=min_new_tokens,
+                    on_finished=partial(save, batch),
                 )
-                for prompt, new_tokens in zip(batch, answers):
-                    stop = next((j for j, t in enumerate(new_tokens) if t in eos_ids), None)
-                    generated += len(new_tokens) if stop is None else stop + 1
-                    record = {
-                        "prompt": prompt,
-                        "response": tokenizer.decode(new_tokens[:stop], skip_special_tokens=True).strip(),
-                        "truncated": stop is None,
-                        "sampling": label,
-                    }
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    done[prompt, label] = record
-                f.flush()
-                bar.update(len(batch))
-                bar.set_postfix(tokens_per_s=f"{generated / (time.perf_counter() - start):.0f}")
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
