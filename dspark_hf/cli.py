@@ -4,11 +4,11 @@ Every subcommand's arguments are dataclass fields parsed by transformers' `HfArg
 underscores (`--max_new_tokens`; the dashed spelling is accepted too). A subcommand is its dataclasses plus
 `_run_<name>(args)`, which calls the library function that does the work.
 
-Errors a user can fix (bad flags, missing or malformed files: the library's ValueErrors, `InputError`s among
-them, and OSErrors) are printed as one line, `dspark <command>: <what is wrong>`, with exit code 2; a check
-that finds faults exits with 1 and an interrupted command with 130, after a line that says how to resume.
-Any other exception is a bug and shows its traceback; `dspark --debug` or `DSPARK_DEBUG=1` shows the
-traceback of every error.
+Errors a user can fix (bad flags, missing or malformed files, a missing optional package: the library's
+ValueErrors, `InputError`s among them, OSErrors and ImportErrors) are printed as one line, `dspark <command>:
+<what is wrong>`, with exit code 2; a check that finds faults exits with 1 and an interrupted command with
+130, after a line that says how to resume. Any other exception is a bug and shows its traceback;
+`dspark --debug` or `DSPARK_DEBUG=1` shows the traceback of every error.
 """
 
 from __future__ import annotations
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         resumption: Callable | None = getattr(args, "resumption", None)
         message = f"interrupted; {resumption(args, argv)}" if resumption else "interrupted."
         _fail(args.command, message, EXIT_INTERRUPTED)
-    except (ValueError, OSError) as err:  # the library's signals of unusable arguments, data and files
+    except (ValueError, OSError, ImportError) as err:  # unusable arguments, data, files or environment
         if _debugging(args):
             raise
         _fail(args.command, str(err) or type(err).__name__)

@@ -5,9 +5,7 @@ import sys
 import types
 
 import pytest
-from conftest import make_tiny_target
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from conftest import make_chat_tokenizer, make_tiny_target
 
 from dspark_hf.training import data
 from dspark_hf.training.data import (
@@ -20,35 +18,9 @@ from dspark_hf.training.data import (
     tokenize_chat,
 )
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a test assistant.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A tiny byte-level BPE tokenizer with a ChatML template, trained in memory (no network)."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    corpus = ["hello there, how are you?", "I am fine. What is 2 + 2?", "The answer is 4.\nBye!"] * 5
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    backend.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-        chat_template=CHATML_TEMPLATE,
-    )
+    return make_chat_tokenizer()
 
 
 def masked_spans(encoded, tokenizer):
