@@ -176,11 +176,12 @@ def _run_check(args: argparse.Namespace) -> None:
 
     from .check import check_drafter
     from .errors import check_model_source
+    from .formats.registry import load_config
     from .modeling_dspark import DSparkForCausalLM
 
     options = _dataclass_from_args(CheckArguments, args)
     check_model_source(options.target, "target")
-    check_model_source(options.drafter, "drafter folder")
+    load_config(options.drafter)  # a missing, malformed or non-drafter folder fails before the target loads
     target = AutoModelForCausalLM.from_pretrained(options.target, dtype="auto").eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(options.target)

@@ -27,7 +27,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_dspark import DSparkConfig
 from .context_cache import DSparkContextCache
-from .errors import InputError
+from .errors import InputError, check_model_source
 from .formats.registry import NATIVE_LAYOUT, format_of, load_config, needs_translation
 from .formats.weights import read_config_dict, write_native_folder
 from .generation.drafting import DSparkGenerationMixin
@@ -291,12 +291,14 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         speculators checkpoints omit the copies of the target's embedding (and LM head): they are taken from
         `verifier` (the target model, or its folder / Hub id), by default the verifier the checkpoint records.
         Checkpoints whose tensors differ from the native layout are translated through a temporary native
-        folder, so every `from_pretrained` option applies unchanged. A local folder that is missing, holds no
-        config.json or weights, or holds a malformed config.json or a truncated safetensors file raises an
-        `InputError` naming it.
+        folder, so every `from_pretrained` option applies unchanged. A local folder (drafter or verifier) that
+        is missing, holds no config.json or weights, or holds a malformed config.json or a truncated
+        safetensors file raises an `InputError` naming it.
         """
         path = str(pretrained_model_name_or_path)
         config_dict = read_config_dict(pretrained_model_name_or_path, "drafter folder")
+        if isinstance(verifier, (str, os.PathLike)):
+            check_model_source(verifier, "verifier")
         if os.path.isdir(path):
             files = sorted(os.listdir(path))
             if not any(f.endswith(".safetensors") for f in files):

@@ -18,6 +18,7 @@ from dspark_hf.training.data import (
     tokenize_chat,
 )
 
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return make_chat_tokenizer()

@@ -204,7 +204,7 @@ def build_onpolicy_data(args: OnPolicyDataArguments, model=None, tokenizer=None)
     the records of those prompts. Without ``model``/``tokenizer`` the reference target is loaded."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    pool = training_prompt_pool(args.num_prompts)
+    pool = training_prompt_pool(args.num_prompts) if args.num_prompts else []
     if model is None and pool:
         from .target import load_reference_target
 

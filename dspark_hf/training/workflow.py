@@ -299,6 +299,8 @@ def calibrate_drafter(
     Raises a ValueError on unusable arguments or too few rounds."""
     output, in_place = _calibration_output(drafter_path, output_dir)
     prompts = calibration_prompts(prompts_per_set)
+    if target is not None:
+        check_model_source(target, "target")  # before the drafter loads
     drafter = DSparkForCausalLM.from_pretrained(drafter_path).eval()
     target_model, tokenizer = load_target(target)
     drafter.attach_target(target_model)
