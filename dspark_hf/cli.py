@@ -3,18 +3,43 @@
 Every subcommand's arguments are dataclass fields parsed by transformers' `HfArgumentParser`, spelled with
 underscores (`--max_new_tokens`; the dashed spelling is accepted too). A subcommand is its dataclasses plus
 `_run_<name>(args)`, which calls the library function that does the work.
+
+Errors a user can fix (bad flags, missing or malformed files, a missing optional package: the library's
+ValueErrors, `InputError`s among them, OSErrors and ImportErrors) are printed as one line, `dspark <command>:
+<what is wrong>`, with exit code 2; a check that finds faults exits with 1 and an interrupted command with
+130, after a line that says how to resume. Any other exception is a bug and shows its traceback;
+`dspark --debug` or `DSPARK_DEBUG=1` shows the traceback of every error.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shlex
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
 
 from transformers import HfArgumentParser
 
+DEBUG_ENV_VAR = "DSPARK_DEBUG"
+EXIT_FAULTS = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
-class _CommandParser(HfArgumentParser):
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit code 2), pointing at `--help` for the
+    usage instead of printing it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _CommandParser(HfArgumentParser, _OneLineErrorParser):
     """`HfArgumentParser` in which a dataclass field with `positional` in its metadata is a positional
     argument (`dspark convert SRC DST`) rather than a `--flag`."""
 
@@ -40,6 +65,27 @@ def _dataclass_from_args(options: type, args: argparse.Namespace):
     return options(**{f.name: getattr(args, f.name) for f in dataclasses.fields(options) if f.init})
 
 
+class CommandExit(SystemExit):
+    """Exit with `code` once the message is on stderr; `str()` is the message, for callers of `main`."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+def _fail(command: str, message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    """Print `message` as one line naming the command and exit with `code`."""
+    line = f"dspark {command}: {' '.join(message.split())}"
+    print(line, file=sys.stderr)
+    raise CommandExit(line, code)
+
+
+def _command_line(argv: list[str], flag: str | None = None) -> str:
+    """The shell command that ran `argv`, with `flag` appended unless given already."""
+    words = [*argv, *([flag] if flag and flag not in argv else [])]
+    return shlex.join(["dspark", *words])
+
+
 # ---- dspark push -------------------------------------------------------------------------------------------
 
 
@@ -58,19 +104,16 @@ class PushArguments:
 
 
 def _run_push(args: argparse.Namespace) -> None:
-    import json
-    from pathlib import Path
-
+    from .errors import InputError, read_json_file
     from .hub.push import push_folder
 
     options = _dataclass_from_args(PushArguments, args)
-    results = json.loads(Path(options.results).read_text()) if options.results else None
-    try:
-        commit = push_folder(
-            options.folder, options.repo_id, private=options.private or None, results=results
+    results = read_json_file(options.results, "--results file") if options.results else None
+    if results is not None and not isinstance(results, dict):
+        raise InputError(
+            f"--results file {options.results} holds a JSON {type(results).__name__}; expected an object."
         )
-    except ValueError as err:
-        raise SystemExit(f"dspark push: {err}") from err
+    commit = push_folder(options.folder, options.repo_id, private=options.private or None, results=results)
     print(f"Published {options.folder} to {commit.repo_url.url} ({commit.commit_url})")
 
 
@@ -110,10 +153,7 @@ def _run_convert(args: argparse.Namespace) -> None:
     from .formats.registry import detect_layout, get_format, load_config
 
     options = _dataclass_from_args(ConvertArguments, args)
-    try:
-        dst = convert_checkpoint(options.src, options.dst, to=options.format, verifier=options.verifier)
-    except ValueError as err:
-        raise SystemExit(f"dspark convert: {err}") from err
+    dst = convert_checkpoint(options.src, options.dst, to=options.format, verifier=options.verifier)
     written = get_format(detect_layout(dst))
     print(f"Wrote the {written.name}-layout checkpoint to {dst}.\n")
     print(f"transformers: {written.loading_instruction(dst)}\n")
@@ -135,23 +175,24 @@ def _run_check(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .check import check_drafter
+    from .errors import check_model_source
+    from .formats.registry import load_config
     from .modeling_dspark import DSparkForCausalLM
 
     options = _dataclass_from_args(CheckArguments, args)
+    check_model_source(options.target, "target")
+    load_config(options.drafter)  # a missing, malformed or non-drafter folder fails before the target loads
     target = AutoModelForCausalLM.from_pretrained(options.target, dtype="auto").eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(options.target)
     except (OSError, ValueError):
         tokenizer = None
         print("warning: the target folder has no tokenizer; the mask token is checked on the probe only.")
-    try:
-        drafter = DSparkForCausalLM.from_pretrained(options.drafter, verifier=target).eval()
-    except ValueError as err:
-        raise SystemExit(f"dspark check: {err}") from err
+    drafter = DSparkForCausalLM.from_pretrained(options.drafter, verifier=target).eval()
     report = check_drafter(target, drafter, tokenizer, max_new_tokens=options.max_new_tokens)
     print(report.summary())
     if report.faults:
-        raise SystemExit(f"dspark check: structural fault: {report.faults[0]}")
+        _fail("check", f"structural fault: {report.faults[0]}", EXIT_FAULTS)
 
 
 # ---- dspark train ------------------------------------------------------------------------------------------
@@ -161,12 +202,9 @@ def _run_train(args: argparse.Namespace) -> None:
     from .training.arguments import DSparkTrainingArguments
     from .training.workflow import TrainScriptArguments, train_drafter
 
-    try:
-        script_args = _dataclass_from_args(TrainScriptArguments, args)
-        training_args = _dataclass_from_args(DSparkTrainingArguments, args)
-        metrics = train_drafter(script_args, training_args)
-    except ValueError as err:
-        raise SystemExit(f"dspark train: {err}") from err
+    script_args = _dataclass_from_args(TrainScriptArguments, args)
+    training_args = _dataclass_from_args(DSparkTrainingArguments, args)
+    metrics = train_drafter(script_args, training_args)
     tau = metrics.get("eval_expected_tau")
     held_out = f" (held-out expected tau {tau:.2f})" if tau else ""
     print(f"Saved the drafter to {training_args.output_dir}{held_out}")
@@ -235,20 +273,17 @@ def _run_calibrate(args: argparse.Namespace) -> None:
     from .training.workflow import calibrate_drafter
 
     options = _dataclass_from_args(CalibrateArguments, args)
-    try:
-        report = calibrate_drafter(
-            options.drafter,
-            options.target,
-            prompts_per_set=options.prompts_per_set,
-            max_new_tokens=options.max_new_tokens,
-            do_sample=options.do_sample,
-            profile_target_cost=options.profile_cost,
-            profile_context_length=options.profile_context_length,
-            output_dir=options.output_dir,
-            seed=options.seed,
-        )
-    except ValueError as err:
-        raise SystemExit(f"dspark calibrate: {err}") from err
+    report = calibrate_drafter(
+        options.drafter,
+        options.target,
+        prompts_per_set=options.prompts_per_set,
+        max_new_tokens=options.max_new_tokens,
+        do_sample=options.do_sample,
+        profile_target_cost=options.profile_cost,
+        profile_context_length=options.profile_context_length,
+        output_dir=options.output_dir,
+        seed=options.seed,
+    )
     mode = "sampling at temperature 1" if options.do_sample else "greedy decoding"
     count = options.prompts_per_set
     print(
@@ -262,11 +297,42 @@ def _run_calibrate(args: argparse.Namespace) -> None:
     print(f"Saved the calibrated drafter config to {report.saved_config}.")
 
 
+# ---- interruption ------------------------------------------------------------------------------------------
+
+
+def _last_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+
+
+def _train_resumption(args: argparse.Namespace, argv: list[str]) -> str:
+    checkpoint = _last_checkpoint(args.output_dir)
+    if checkpoint is None:
+        return f"no checkpoint in {args.output_dir} yet; rerun to start again: {_command_line(argv)}"
+    return f"saved {checkpoint}; resume with: {_command_line(argv, '--resume')}"
+
+
+def _quickstart_resumption(args: argparse.Namespace, argv: list[str]) -> str:
+    from .reference.quickstart import checkpoint_dir
+
+    checkpoint = _last_checkpoint(checkpoint_dir(args.output_dir))
+    if checkpoint is None:
+        return f"no training checkpoint yet; rerun to start again: {_command_line(argv)}"
+    return f"saved {checkpoint}; resume with: {_command_line(argv, '--resume')}"
+
+
+def _data_resumption(args: argparse.Namespace, argv: list[str]) -> str:
+    command = _command_line(argv)
+    return f"the answers finished so far are in {args.output}; resume with the same command: {command}"
+
+
 # ---- the command -------------------------------------------------------------------------------------------
 
 
 def _commands() -> dict[str, tuple[str, tuple[type, ...], dict]]:
-    """Per subcommand: its help, its argument dataclasses and any parser defaults."""
+    """Per subcommand: its help, its argument dataclasses and any parser defaults (`func` runs it,
+    `resumption` says how to resume it after an interruption)."""
     from .reference.onpolicy import OnPolicyDataArguments
     from .reference.quickstart import QuickstartOptions
     from .training.arguments import DSparkTrainingArguments
@@ -292,21 +358,22 @@ def _commands() -> dict[str, tuple[str, tuple[type, ...], dict]]:
             {"func": _run_check},
         ),
         "train": (
-            "Train a DSpark drafter for a target on chat data (default: the quickstart's target and data).",
+            "Train a DSpark drafter for a target on chat data (default: the quickstart's target and data). "
+            "Ctrl-C saves a checkpoint after the current step; --resume continues from it.",
             (TrainScriptArguments, DSparkTrainingArguments),
-            {"func": _run_train, "output_dir": "dspark-drafter"},
+            {"func": _run_train, "resumption": _train_resumption, "output_dir": "dspark-drafter"},
         ),
         "quickstart": (
             "The main job: train a DSpark drafter for SmolLM2-135M-Instruct on the bundled data and compare "
-            "assisted against plain decoding.",
+            "assisted against plain decoding. Ctrl-C while training saves a checkpoint; --resume continues.",
             (QuickstartOptions,),
-            {"func": _run_quickstart},
+            {"func": _run_quickstart, "resumption": _quickstart_resumption},
         ),
         "data": (
             "Build on-policy training data: the reference target's greedy and sampled answers to the "
             "training prompt pool (resumable).",
             (OnPolicyDataArguments,),
-            {"func": _run_data},
+            {"func": _run_data, "resumption": _data_resumption},
         ),
         "calibrate": (
             "Fit the confidence head's per-position temperatures (sequential temperature scaling) on "
@@ -317,11 +384,23 @@ def _commands() -> dict[str, tuple[str, tuple[type, ...], dict]]:
     }
 
 
+def _debugging(args: argparse.Namespace) -> bool:
+    return args.debug or os.environ.get(DEBUG_ENV_VAR, "").lower() not in ("", "0", "false", "no")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    """Run `dspark` with `argv` (default: the process's arguments); see the module doc for the exit codes."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _OneLineErrorParser(
         prog="dspark",
         description="DSpark speculative decoding for transformers. Flags are spelled with underscores "
-        "(--max_new_tokens); dashes work too.",
+        "(--max_new_tokens); dashes work too. Exit codes: 0 done, 1 a check found faults, 2 bad arguments "
+        "or input (one line on stderr says which), 130 interrupted.",
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"Show the traceback of any error, not only of bugs (also {DEBUG_ENV_VAR}=1).",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_subcommand_parser)
     for name, (help, dataclass_types, defaults) in _commands().items():
@@ -329,7 +408,16 @@ def main(argv: list[str] | None = None) -> None:
             name, help=help, description=help, dataclass_types=dataclass_types
         ).set_defaults(**defaults)
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        resumption: Callable | None = getattr(args, "resumption", None)
+        message = f"interrupted; {resumption(args, argv)}" if resumption else "interrupted."
+        _fail(args.command, message, EXIT_INTERRUPTED)
+    except (ValueError, OSError, ImportError) as err:  # unusable arguments, data, files or environment
+        if _debugging(args):
+            raise
+        _fail(args.command, str(err) or type(err).__name__)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_dspark import DSparkConfig
 from .context_cache import DSparkContextCache
+from .errors import InputError, check_model_source
 from .formats.registry import NATIVE_LAYOUT, format_of, load_config, needs_translation
 from .formats.weights import read_config_dict, write_native_folder
 from .generation.drafting import DSparkGenerationMixin
@@ -290,18 +291,25 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         speculators checkpoints omit the copies of the target's embedding (and LM head): they are taken from
         `verifier` (the target model, or its folder / Hub id), by default the verifier the checkpoint records.
         Checkpoints whose tensors differ from the native layout are translated through a temporary native
-        folder, so every `from_pretrained` option applies unchanged.
+        folder, so every `from_pretrained` option applies unchanged. A local folder (drafter or verifier) that
+        is missing, holds no config.json or weights, or holds a malformed config.json or a truncated
+        safetensors file raises an `InputError` naming it.
         """
         path = str(pretrained_model_name_or_path)
+        config_dict = read_config_dict(pretrained_model_name_or_path, "drafter folder")
+        if isinstance(verifier, (str, os.PathLike)):
+            check_model_source(verifier, "verifier")
         if os.path.isdir(path):
-            files = set(os.listdir(path))
-            if not any(f.endswith(".safetensors") for f in files) and any(f.endswith(".bin") for f in files):
-                raise ValueError(
-                    f"{path} holds only pickled weights ({sorted(f for f in files if f.endswith('.bin'))}); "
-                    "dspark_hf loads safetensors checkpoints only. Convert them with safetensors first."
-                )
+            files = sorted(os.listdir(path))
+            if not any(f.endswith(".safetensors") for f in files):
+                pickled = [f for f in files if f.endswith(".bin")]
+                if pickled:
+                    raise InputError(
+                        f"{path} holds only pickled weights ({pickled}); dspark_hf loads safetensors "
+                        "checkpoints only. Convert them with safetensors first."
+                    )
+                raise InputError(f"drafter folder {path} holds no safetensors weights.")
         kwargs["use_safetensors"] = True
-        config_dict = read_config_dict(path)
         if needs_translation(config_dict):
             if not os.path.isdir(path):
                 path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])

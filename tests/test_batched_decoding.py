@@ -39,8 +39,15 @@ def test_greedy_answers_equal_generate_while_rows_leave_the_batch(kind):
     eos = sorted({free_run[0][3], free_run[2][9], free_run[4][15]})
     expected = generate_new_tokens(model, input_ids, attention_mask, eos, max_new_tokens=24, do_sample=False)
     assert len({len(row) for row in expected}) > 1
-    answers = decode_shrinking_batch(model, input_ids, attention_mask, max_new_tokens=24, eos_token_ids=eos)
+    finished = []
+    answers = decode_shrinking_batch(
+        model, input_ids, attention_mask, max_new_tokens=24, eos_token_ids=eos,
+        on_finished=lambda row, tokens: finished.append((row, list(tokens))),
+    )  # fmt: skip
     assert answers == expected
+    # Each answer is reported once, complete, as soon as it ends (the shortest first).
+    assert sorted(finished) == sorted(enumerate(expected))
+    assert [len(tokens) for _, tokens in finished] == sorted(len(row) for row in expected)
 
 
 def test_sampled_answers_use_generates_warpers_and_random_stream():

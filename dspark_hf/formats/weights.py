@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedConfig
 from transformers.utils import logging
 
+from ..errors import InputError, check_model_source, check_safetensors_files, is_local_path, read_json_file
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -125,19 +127,22 @@ def native_state_dict(
     return tensors
 
 
-def read_config_dict(path: str | os.PathLike, **kwargs) -> dict:
-    """The raw config.json of a local folder or Hub repo, untranslated."""
-    local = Path(path) / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text())
+def read_config_dict(path: str | os.PathLike, what: str = "checkpoint folder", **kwargs) -> dict:
+    """The raw config.json of a local folder or Hub repo, untranslated. A local folder (`is_local_path`) that
+    is missing, holds no config.json or a malformed one, or truncated safetensors files raises an InputError
+    naming it as `what`."""
+    if is_local_path(path):
+        check_model_source(path, what)
+        return read_json_file(Path(path).expanduser() / "config.json")
     return PreTrainedConfig.get_config_dict(str(path), **kwargs)[0]
 
 
 def load_folder_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of a folder's safetensors files."""
+    """Every tensor of a folder's safetensors files; an InputError names a truncated one."""
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{folder} holds no safetensors weights.")
+        raise InputError(f"{folder} holds no safetensors weights.")
+    check_safetensors_files(files)
     return {name: t for f in files for name, t in load_file(f).items()}
 
 
@@ -148,7 +153,8 @@ def target_copy_tensors(verifier: PreTrainedModel | str | os.PathLike) -> dict[s
             "embed_tokens.weight": verifier.get_input_embeddings().weight.detach().cpu(),
             "lm_head.weight": verifier.get_output_embeddings().weight.detach().cpu(),
         }
-    folder = Path(verifier)
+    check_model_source(verifier, "verifier")
+    folder = Path(verifier).expanduser()
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
 

@@ -9,7 +9,7 @@ its live rows cost. Greedy rows are what ``generate`` computes; sampled rows use
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel
@@ -53,9 +53,11 @@ def decode_shrinking_batch(
     temperature: float | None = None,
     top_p: float | None = None,
     min_new_tokens: int = 0,
+    on_finished: Callable[[int, list[int]], None] | None = None,
 ) -> list[list[int]]:
     """New tokens of each row of a left-padded batch, each ending with its end-of-sequence token unless it
-    ran to ``max_new_tokens``. Sampling draws from torch's global generator (seed it to reproduce)."""
+    ran to ``max_new_tokens``. Sampling draws from torch's global generator (seed it to reproduce).
+    ``on_finished(row, tokens)`` is called as soon as each row's answer is complete (e.g. to save it)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     warpers = sampling_warpers(model, temperature, top_p) if do_sample else None
@@ -88,6 +90,10 @@ def decode_shrinking_batch(
         for row, token in zip(rows.tolist(), next_tokens.tolist()):
             answers[row].append(token)
         live = ~torch.isin(next_tokens, eos)
+        if on_finished is not None:
+            last_step = step == max_new_tokens - 1
+            for row in rows[~live if not last_step else slice(None)].tolist():
+                on_finished(row, answers[row])
         if not live.any():
             break
         if not live.all():

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
 from ..hardware import cpu_has_native_bf16
 from ..training.data import (
     GSM8K_EVAL_ROWS,
@@ -38,6 +39,7 @@ GSM8K_PACKAGE_VERSION = "0.1.4.post7"
 # GSM8K test rows used elsewhere: 0-99 evaluation, 100-249 the bundled 300-row training set.
 GSM8K_POOL_START = 250
 SAMPLED = {"temperature": 0.7, "top_p": 0.8}
+GENERATION_DTYPES = ("auto", "float32", "bfloat16")
 
 # A prompt that names a programming language or artefact is a code question; the pool keeps them as their own
 # source so that code is not drowned by chat in a partial run.
@@ -184,13 +186,25 @@ class OnPolicyDataArguments:
         },
     )
 
+    def __post_init__(self):
+        if self.dtype not in GENERATION_DTYPES:
+            raise InputError(f"--dtype must be one of {GENERATION_DTYPES}, got {self.dtype!r}.")
+        for name in ("num_prompts", "threads"):
+            if getattr(self, name) < 0:
+                raise InputError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        for name in ("max_new_tokens", "batch_size", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if Path(self.output).is_dir():
+            raise InputError(f"--output {self.output} is a folder; expected the jsonl answer cache.")
+
 
 def build_onpolicy_data(args: OnPolicyDataArguments, model=None, tokenizer=None) -> list[dict[str, Any]]:
     """Answer the first ``args.num_prompts`` pool prompts chunk by chunk into ``args.output`` and return
     the records of those prompts. Without ``model``/``tokenizer`` the reference target is loaded."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    pool = training_prompt_pool(args.num_prompts)
+    pool = training_prompt_pool(args.num_prompts) if args.num_prompts else []
     if model is None and pool:
         from .target import load_reference_target
 
@@ -219,8 +233,8 @@ def generation_dtype(name: str) -> torch.dtype:
     """The torch dtype named ``name``: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (the faster one here)."""
     if name == "auto":
         return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    if name not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'auto', got {name!r}.")
+    if name not in GENERATION_DTYPES:
+        raise ValueError(f"dtype must be one of {GENERATION_DTYPES}, got {name!r}.")
     return getattr(torch, name)
 
 
@@ -228,12 +242,13 @@ def vendor_answers(cache: str | os.PathLike, output: str | os.PathLike) -> dict[
     """Write the answers of `cache` as a gzipped training file, dropping rows whose prompt is held out or
     leaks an evaluation prompt; returns the counts of what was written."""
     held_out = {row["prompt"] for row in reference_training_rows("held_out")}
-    answers = read_jsonl(cache)
+    answers = read_jsonl(cache, "answer cache")
     rows = [row for row in answers if row["prompt"] not in held_out]
     leaked = {i for i, _ in find_leaks([row["prompt"] for row in rows], evaluation_prompts())}
     rows = [row for i, row in enumerate(rows) if i not in leaked]
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     # mtime 0 and no file name in the header: the same answers give the same bytes.
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_bytes(gzip.compress(text.encode("utf-8"), mtime=0))
     return {**answer_counts(rows), "dropped": len(answers) - len(rows)}
 
@@ -254,4 +269,4 @@ def answer_counts(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def onpolicy_summary(path: str | os.PathLike) -> dict[str, Any]:
     """:func:`answer_counts` of a cache written by :func:`build_onpolicy_data`."""
-    return answer_counts(read_jsonl(path))
+    return answer_counts(read_jsonl(path, "answer cache"))

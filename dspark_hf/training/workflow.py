@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.trainer_utils import get_last_checkpoint
 
+from ..errors import InputError, check_model_source
 from ..formats.registry import NATIVE_LAYOUT, detect_layout
 from ..hardware import cpu_has_native_bf16
 from ..heads import MARKOV_HEADS
@@ -26,6 +28,7 @@ from ..scheduling.cost_profile import profile_cost
 from ..warm_start import LAYER_INITS
 from .arguments import DSparkTrainingArguments
 from .data import build_dataset, load_prompts, read_jsonl, reference_training_rows, regenerate_responses
+from .interruption import train_saving_on_interrupt
 from .recipes import RECIPES, get_recipe
 from .trainer import DSparkTrainer
 
@@ -137,10 +140,15 @@ def target_load_dtype() -> str | torch.dtype:
 
 
 def load_target(name_or_path: str | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The target in eval mode and its tokenizer; None loads the offline reference target."""
+    """The target in eval mode and its tokenizer; None loads the offline reference target. A local folder that
+    is missing or malformed, or holds no tokenizer, raises an InputError."""
     if name_or_path is None:
         return load_reference_target()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    check_model_source(name_or_path, "target")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise InputError(f"target {name_or_path} has no usable tokenizer ({err}).") from err
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=target_load_dtype())
     return model.eval(), tokenizer
 
@@ -151,18 +159,27 @@ def _first_user_turn(row: dict) -> str:
     return next(m["content"] for m in row["messages"] if m["role"] == "user")
 
 
+def dataset_rows(script_args: TrainScriptArguments) -> list[dict]:
+    """The chat rows of `--dataset`, by default the reference answers the quickstart trains on; an InputError
+    for a dataset file that is missing, malformed or empty."""
+    if script_args.dataset is None:
+        return reference_training_rows("train")
+    rows = read_jsonl(Path(script_args.dataset), "--dataset")
+    if not rows:
+        raise InputError(f"--dataset {script_args.dataset} holds no rows.")
+    return rows
+
+
 def training_rows(
     script_args: TrainScriptArguments,
     target: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     output_dir: str,
+    rows: list[dict] | None = None,
 ) -> list[dict]:
-    """The chat rows to train on: the dataset's (by default the reference answers the quickstart trains on),
-    answered anew by the target with `regenerate`."""
-    if script_args.dataset is None:
-        rows = reference_training_rows("train")
-    else:
-        rows = read_jsonl(Path(script_args.dataset))
+    """The chat rows to train on: `rows` (default: `dataset_rows`), answered anew by the target with
+    `regenerate`."""
+    rows = dataset_rows(script_args) if rows is None else rows
     if not script_args.regenerate:
         return rows
     return regenerate_responses(
@@ -211,16 +228,30 @@ def with_recipe(training_args: DSparkTrainingArguments, recipe: str | None) -> D
     return dataclasses.replace(training_args, **get_recipe(recipe).training)
 
 
+def _has_checkpoint(output_dir: str) -> bool:
+    return Path(output_dir).is_dir() and get_last_checkpoint(output_dir) is not None
+
+
 def train_drafter(
     script_args: TrainScriptArguments, training_args: DSparkTrainingArguments
 ) -> dict[str, float]:
     """Train a drafter as `dspark train` does, save it to `training_args.output_dir`, and return the held-out
     metrics (empty without `eval_rows`). `script_args.recipe`'s training settings win over `training_args`'.
-    Raises a ValueError on unusable arguments or data."""
+    Raises a ValueError on unusable arguments or data; Ctrl-C saves a checkpoint to resume from
+    (`script_args.resume`) and raises KeyboardInterrupt."""
     training_args = with_recipe(training_args, script_args.recipe)
+    rows = dataset_rows(script_args)  # a bad dataset or drafter folder fails before the target loads
+    if script_args.drafter is not None:
+        check_model_source(script_args.drafter, "--drafter")
+    resume = training_args.resume_from_checkpoint or script_args.resume or None
+    if resume is True and not _has_checkpoint(training_args.output_dir):
+        raise InputError(f"--resume: {training_args.output_dir} holds no checkpoint to resume from.")
     target, tokenizer = load_target(script_args.target)
-    rows = training_rows(script_args, target, tokenizer, training_args.output_dir)
-    dataset = build_dataset(rows, tokenizer, max_length=script_args.max_length)
+    rows = training_rows(script_args, target, tokenizer, training_args.output_dir, rows)
+    try:
+        dataset = build_dataset(rows, tokenizer, max_length=script_args.max_length)
+    except ValueError as err:
+        raise InputError(f"--dataset {script_args.dataset or 'default'}: {err}") from err
     eval_dataset = None
     if script_args.eval_rows:
         split = dataset.train_test_split(test_size=script_args.eval_rows, seed=training_args.seed)
@@ -241,7 +272,7 @@ def train_drafter(
         processing_class=tokenizer,
         peft_config=lora_config(script_args.lora_r),
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or script_args.resume or None)
+    train_saving_on_interrupt(trainer, resume_from_checkpoint=resume)
     trainer.save_model()
     return trainer.evaluate() if eval_dataset is not None else {}
 
@@ -293,8 +324,10 @@ def calibrate_drafter(
     Raises a ValueError on unusable arguments or too few rounds."""
     output, in_place = _calibration_output(drafter_path, output_dir)
     prompts = calibration_prompts(prompts_per_set)
-    target_model, tokenizer = load_target(target)
+    if target is not None:
+        check_model_source(target, "target")  # before the drafter loads
     drafter = DSparkForCausalLM.from_pretrained(drafter_path).eval()
+    target_model, tokenizer = load_target(target)
     drafter.attach_target(target_model)
     rounds = record_calibration_rounds(
         target_model,
@@ -327,6 +360,7 @@ __all__ = [
     "TrainScriptArguments",
     "LORA_TARGET_MODULES",
     "load_target",
+    "dataset_rows",
     "training_rows",
     "build_drafter",
     "with_recipe",
