@@ -402,6 +402,7 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         context_cache: DSparkContextCache | None = None,
         vocab_ids: torch.LongTensor | None = None,
         detach_confidence_input: bool = False,
+        return_base_logits: bool = True,
         **kwargs,
     ) -> DSparkOutput:
         r"""
@@ -417,6 +418,8 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
             training over the draft vocabulary avoids the vocabulary-sized work.
         detach_confidence_input: give the confidence head detached hidden states, so that a confidence loss
             trains the head alone.
+        return_base_logits: `False` leaves `base_logits` out of the output (None) when a Markov head makes
+            them a tensor of their own: training does not read them, and they are vocabulary-sized.
 
         L is one block or several consecutive blocks of `config.block_size` positions; the Markov head starts
         every block afresh, so a packed forward equals one forward per block.
@@ -436,7 +439,7 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
             )
         return DSparkOutput(
             last_hidden_state=hidden_states,
-            base_logits=base_logits,
+            base_logits=base_logits if return_base_logits or logits is base_logits else None,
             logits=logits,
             confidence_logits=self.confidence(
                 hidden_states.detach() if detach_confidence_input else hidden_states, prev_token_ids
