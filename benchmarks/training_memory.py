@@ -33,7 +33,7 @@ class TrackedTensor:
 @dataclass
 class VocabularyTensorTracker(TorchDispatchMode):
     """Records the tensors ops create whose last dimension is one of `widths`, and the peak of their live
-    bytes with the tensors alive at that peak. Views and in-place results share a storage and count once."""
+    bytes with the tensors alive at that peak. Views and in-place results add no storage and do not count."""
 
     widths: set[int]
     created: list[TrackedTensor] = field(default_factory=list)
@@ -47,8 +47,19 @@ class VocabularyTensorTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # Views and in-place results live in an input's storage: no new memory.
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor)
+        }
         for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor.dim() and tensor.shape[-1] in self.widths:
+            if (
+                isinstance(tensor, torch.Tensor)
+                and tensor.dim()
+                and tensor.shape[-1] in self.widths
+                and tensor.untyped_storage().data_ptr() not in inputs
+            ):
                 self._track(tensor)
         return out
 

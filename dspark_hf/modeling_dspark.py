@@ -212,6 +212,13 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         self.post_init()
         self.freeze_target_copies()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the drafter's own weights. Mixed-precision training may hold the frozen copies of the
+        target's embedding and LM head in the compute dtype (see `DSparkTrainer.train`); they do not make
+        the drafter's dtype, which is what `save_pretrained` records and `from_pretrained` loads."""
+        return self.norm.weight.dtype
+
     def freeze_target_copies(self) -> None:
         """Freeze `embed_tokens` and `lm_head`: copies of the target's, never trained (loading creates new
         parameters, so `from_pretrained` calls this again)."""
@@ -380,7 +387,7 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         **kwargs,
     ) -> torch.Tensor:
         """The parallel stage: normed hidden states [B, L, d] of the block(s); arguments as in `forward`."""
-        hidden_states = self.embed_tokens(input_ids)
+        hidden_states = self.embed_tokens(input_ids).to(self.dtype)
         context = self.project_context(target_hidden_states.to(hidden_states.dtype))
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         if attention_mask is not None and attention_mask.dtype == torch.bool:

@@ -755,6 +755,44 @@ def test_a_bf16_step_builds_no_float32_tensor_of_all_block_positions(tmp_path, m
     assert sum(tracker_module.rows(t) == draft_rows for t in tracker.at_peak) <= 2
 
 
+def test_bf16_training_holds_the_frozen_copies_in_bf16_and_saves_exactly(tmp_path):
+    """A bf16 target's embedding and LM head copies lose nothing in bf16: they are held so while training
+    (the trainable weights stay float32 masters), checkpoints reload exactly, and training ends with them
+    back in float32, unchanged."""
+    from transformers import TrainerCallback
+
+    target = make_target().to(torch.bfloat16)
+    drafter = make_drafter(target, dtype=torch.float32)
+    seen = []
+
+    class RecordDtypes(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen.append((model.embed_tokens.weight.dtype, model.lm_head.weight.dtype, model.fc.weight.dtype))
+
+    trainer = DSparkTrainer(
+        model=drafter,
+        target_model=target,
+        args=make_args(tmp_path, bf16=True, max_steps=2, save_strategy="steps", save_steps=2),
+        train_dataset=Dataset.from_list(make_rows(target, 4)),
+        callbacks=[RecordDtypes()],
+    )
+    trainer.train()
+    assert seen == [(torch.bfloat16, torch.bfloat16, torch.float32)] * 2
+    assert {p.dtype for p in drafter.parameters()} == {torch.float32}
+    torch.testing.assert_close(drafter.lm_head.weight, target.lm_head.weight.float(), rtol=0, atol=0)
+    reloaded = DSparkForCausalLM.from_pretrained(tmp_path / "checkpoint-2")
+    assert reloaded.dtype == torch.float32
+    for name, p in drafter.named_parameters():
+        assert torch.equal(reloaded.get_parameter(name), p), name
+
+
+def test_dspark_train_builds_float32_master_weights_for_a_bf16_target():
+    from dspark_hf.training.workflow import build_drafter
+
+    drafter = build_drafter(make_target().to(torch.bfloat16), None, num_hidden_layers=1)
+    assert {p.dtype for p in drafter.parameters()} == {torch.float32}
+
+
 def test_dspark_train_command(tmp_path):
     """`dspark train` end to end on a tiny target that uses the reference chat tokenizer."""
     from transformers import AutoTokenizer

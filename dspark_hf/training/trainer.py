@@ -363,14 +363,25 @@ class DSparkTrainer(Trainer):
         return self.lr_scheduler
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """`Trainer.train`; a resumed run also continues the wall-clock budget of its checkpoint."""
+        """`Trainer.train`; a resumed run also continues the wall-clock budget of its checkpoint.
+
+        Under mixed precision the frozen copies of the target's embedding and LM head are held in the
+        compute dtype while training, where that loses nothing (their values come from a target of that
+        dtype): they need no master weights, and autocast would otherwise copy the LM head every step.
+        """
         if self._budget is not None and resume_from_checkpoint:
             checkpoint = resume_from_checkpoint
             if checkpoint is True:
                 checkpoint = get_last_checkpoint(self.args.output_dir)
             if checkpoint:
                 self._budget.restore(checkpoint)
-        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        compute_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        held = hold_frozen_copies(self.accelerator.unwrap_model(self.model), compute_dtype)
+        try:
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            for module, dtype in held:
+                module.to(dtype)
         if self._target_cache is not None:
             logger.info(self._target_cache.describe())
             self.log(self._target_cache.stats())
@@ -680,6 +691,23 @@ def check_dataset(dataset: Any, name: str) -> None:
         f"{name} has no assistant tokens to learn: no row has two consecutive `loss_mask` positions (an "
         "anchor and its first label). Check that the chat template marks the assistant's reply."
     )
+
+
+def hold_frozen_copies(model: nn.Module, dtype: torch.dtype | None) -> list[tuple[nn.Module, torch.dtype]]:
+    """Cast the drafter's frozen copies of the target's embedding and LM head to `dtype` where their values
+    are exactly representable there; returns each cast module with its former dtype (to cast back)."""
+    held = []
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        weight = module.weight
+        if (
+            dtype is None
+            or weight.dtype == dtype
+            or not torch.equal(weight.to(dtype).to(weight.dtype), weight)
+        ):
+            continue
+        held.append((module, weight.dtype))
+        module.to(dtype)
+    return held
 
 
 def place_target(target: nn.Module, device: torch.device) -> nn.Module:
