@@ -1,5 +1,5 @@
 """DSparkTrainer on a tiny random target (CPU). Run as a script, this file is the DDP worker of
-`test_ddp_matches_single_process` (launched with torchrun)."""
+the tests launched with torchrun (`python test_trainer.py ddp|budget OUTPUT_DIR RESULT`)."""
 
 import json
 import os
@@ -841,9 +841,8 @@ def run_reference(output_dir, **overrides):
     return trainer
 
 
-def test_ddp_matches_single_process(tmp_path):
-    """2 CPU processes (gloo) x batch 2 give the losses and weights of 1 process x batch 4."""
-    result = tmp_path / "ddp.json"
+def torchrun(*arguments: str) -> None:
+    """Run `arguments` (a script or `-m module` and its arguments) in 2 CPU processes with torchrun."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     command = [
         sys.executable,
@@ -851,13 +850,17 @@ def test_ddp_matches_single_process(tmp_path):
         "torch.distributed.run",
         "--standalone",  # rendezvous on a free port chosen by torchrun itself
         "--nproc_per_node=2",
-        __file__,
-        str(tmp_path / "ddp"),
-        str(result),
+        *arguments,
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     errors = [line for line in completed.stderr.splitlines() if "find_unused_parameters" not in line]
     assert completed.returncode == 0, "\n".join(errors[-60:])
+
+
+def test_ddp_matches_single_process(tmp_path):
+    """2 CPU processes (gloo) x batch 2 give the losses and weights of 1 process x batch 4."""
+    result = tmp_path / "ddp.json"
+    torchrun(__file__, "ddp", str(tmp_path / "ddp"), str(result))
     ddp = json.loads(result.read_text())
     assert ddp["world_size"] == 2
 
@@ -887,8 +890,51 @@ def _ddp_worker(output_dir: str, result: str) -> None:
     os._exit(0)
 
 
+def test_processes_with_skewed_clocks_end_a_time_budget_together(tmp_path):
+    """One process's clock runs three times as fast: both still stop on the same step, having applied the
+    same learning rates (the main process's clock), the last one the schedule's end."""
+    result = tmp_path / "budget.json"
+    torchrun(__file__, "budget", str(tmp_path / "budget"), str(result))
+    ranks = [json.loads(Path(f"{result}.{rank}").read_text()) for rank in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["steps"] > 2 and ranks[0]["final_rate"] == 0.0
+
+
+def _budget_worker(output_dir: str, result: str) -> None:
+    import types
+
+    from dspark_hf.training import time_budget
+
+    rank = int(os.environ["RANK"])
+    if rank == 1:
+        clock = time_budget.time.perf_counter
+        time_budget.time = types.SimpleNamespace(perf_counter=lambda: 3 * clock())
+    target = make_target()
+    trainer = DSparkTrainer(
+        model=make_drafter(target),
+        target_model=target,
+        args=make_args(
+            output_dir,
+            max_steps=100_000,
+            max_train_minutes=0.01,
+            warmup_steps=0.1,
+            per_device_train_batch_size=2,
+            ddp_backend="gloo",
+        ),  # fmt: skip
+        train_dataset=Dataset.from_list(make_rows(target, 4)),
+    )
+    trainer.train()
+    rates = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    final_rate = trainer.lr_scheduler.get_last_lr()[0]
+    summary = {"steps": trainer.state.global_step, "rates": rates, "final_rate": final_rate}
+    Path(f"{result}.{rank}").write_text(json.dumps(summary))
+    trainer.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
+    os._exit(0)
+
+
 if __name__ == "__main__":
-    _ddp_worker(*sys.argv[1:3])
+    {"ddp": _ddp_worker, "budget": _budget_worker}[sys.argv[1]](*sys.argv[2:4])
 
 
 def test_build_drafter_applies_the_recipe_over_the_shape(tmp_path):

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import broadcast, is_peft_model
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -262,7 +262,10 @@ class DSparkTrainer(Trainer):
             model = apply_peft(model, peft_config)
         self._budget = None
         if args.max_train_minutes is not None:
-            self._budget = WallClockBudget(args.max_train_minutes, args.lr_scheduler_type, args.warmup_steps)
+            agree = self._main_process_reading if args.world_size > 1 else None
+            self._budget = WallClockBudget(
+                args.max_train_minutes, args.lr_scheduler_type, args.warmup_steps, agree
+            )
             callbacks = [*(callbacks or []), self._budget]
         if data_collator is None:
             pad_id = getattr(processing_class, "pad_token_id", None)
@@ -315,6 +318,11 @@ class DSparkTrainer(Trainer):
         if self._budget is not None:
             return self._budget.progress()
         return self.state.global_step / max(self.state.max_steps, 1)
+
+    def _main_process_reading(self, seconds: float) -> float:
+        """The main process's `seconds`, on every process (the wall-clock budget's shared clock)."""
+        reading = torch.tensor([seconds], dtype=torch.float64, device=self.accelerator.device)
+        return float(broadcast(reading, from_process=0))
 
     def _distribution_weights(self, training: bool) -> dict[str, float]:
         """CE and L1 weights of this step: cross-entropy only during `ce_warmup_fraction` of training."""
