@@ -213,6 +213,13 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         self.post_init()
         self.freeze_target_copies()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the drafter's own weights. Mixed-precision training may hold the frozen copies of the
+        target's embedding and LM head in the compute dtype (see `DSparkTrainer.train`); they do not make
+        the drafter's dtype, which is what `save_pretrained` records and `from_pretrained` loads."""
+        return self.norm.weight.dtype
+
     def freeze_target_copies(self) -> None:
         """Freeze `embed_tokens` and `lm_head`: copies of the target's, never trained (loading creates new
         parameters, so `from_pretrained` calls this again)."""
@@ -388,7 +395,7 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         **kwargs,
     ) -> torch.Tensor:
         """The parallel stage: normed hidden states [B, L, d] of the block(s); arguments as in `forward`."""
-        hidden_states = self.embed_tokens(input_ids)
+        hidden_states = self.embed_tokens(input_ids).to(self.dtype)
         context = self.project_context(target_hidden_states.to(hidden_states.dtype))
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         if attention_mask is not None and attention_mask.dtype == torch.bool:
@@ -410,6 +417,7 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         context_cache: DSparkContextCache | None = None,
         vocab_ids: torch.LongTensor | None = None,
         detach_confidence_input: bool = False,
+        return_base_logits: bool = True,
         **kwargs,
     ) -> DSparkOutput:
         r"""
@@ -425,6 +433,8 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
             training over the draft vocabulary avoids the vocabulary-sized work.
         detach_confidence_input: give the confidence head detached hidden states, so that a confidence loss
             trains the head alone.
+        return_base_logits: `False` leaves `base_logits` out of the output (None) when a Markov head makes
+            them a tensor of their own: training does not read them, and they are vocabulary-sized.
 
         L is one block or several consecutive blocks of `config.block_size` positions; the Markov head starts
         every block afresh, so a packed forward equals one forward per block.
@@ -444,7 +454,7 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
             )
         return DSparkOutput(
             last_hidden_state=hidden_states,
-            base_logits=base_logits,
+            base_logits=base_logits if return_base_logits or logits is base_logits else None,
             logits=logits,
             confidence_logits=self.confidence(
                 hidden_states.detach() if detach_confidence_input else hidden_states, prev_token_ids

@@ -50,6 +50,22 @@ def test_greedy_answers_equal_generate_while_rows_leave_the_batch(kind):
     assert [len(tokens) for _, tokens in finished] == sorted(len(row) for row in expected)
 
 
+def test_every_tensor_follows_the_inputs_device():
+    """Tensors created without a device land on "meta" here, so one that does not follow the batch's device
+    (a CPU index meeting a CUDA mask on a GPU) fails as soon as a row leaves the batch."""
+    model = make_tiny_target("qwen3", lm_head_scale=4.0)
+    input_ids, attention_mask = left_padded_batch([5, 9, 3, 7])
+    free_run = generate_new_tokens(model, input_ids, attention_mask, [], max_new_tokens=12, do_sample=False)
+    eos = sorted({free_run[0][2], free_run[2][6]})
+    expected = generate_new_tokens(model, input_ids, attention_mask, eos, max_new_tokens=12, do_sample=False)
+    assert len({len(row) for row in expected}) > 1
+    with torch.device("meta"):
+        answers = decode_shrinking_batch(
+            model, input_ids, attention_mask, max_new_tokens=12, eos_token_ids=eos
+        )
+    assert answers == expected
+
+
 def test_sampled_answers_use_generates_warpers_and_random_stream():
     model = make_tiny_target(lm_head_scale=4.0)
     input_ids, attention_mask = left_padded_batch([4, 8, 6])

@@ -62,6 +62,9 @@ def test_forward_shapes_for_every_head(head):
     assert out.base_logits.shape == out.logits.shape == (2, 4, 128)
     assert out.confidence_logits.shape == (2, 4)
     assert not torch.equal(out.logits, out.base_logits)
+    # Training reads the logits alone; the base logits are then not kept.
+    lean = model(block, features, positions, prev_token_ids=prev, return_base_logits=False)
+    assert lean.base_logits is None and torch.equal(lean.logits, out.logits)
 
 
 def test_markov_step_matches_teacher_forced_block():

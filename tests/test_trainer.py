@@ -1,5 +1,5 @@
 """DSparkTrainer on a tiny random target (CPU). Run as a script, this file is the DDP worker of
-`test_ddp_matches_single_process` (launched with torchrun)."""
+the tests launched with torchrun (`python test_trainer.py ddp|budget OUTPUT_DIR RESULT`)."""
 
 import json
 import os
@@ -14,6 +14,7 @@ from datasets import Dataset
 from transformers import TrainingArguments
 
 from dspark_hf import DSparkForCausalLM
+from dspark_hf.generation.target_tap import LayerFeatures
 from dspark_hf.training.arguments import DSparkTrainingArguments
 from dspark_hf.training.target_cache import row_key
 from dspark_hf.training.trainer import (
@@ -21,6 +22,8 @@ from dspark_hf.training.trainer import (
     DSparkTrainer,
     anchor_seeds,
     build_blocks,
+    check_fsdp_plugin,
+    place_target,
     sample_anchors,
 )
 
@@ -51,6 +54,18 @@ def make_rows(target, num_rows, seed=2):
         {"input_ids": row[: len(row) - i % 3], "loss_mask": mask[: len(row) - i % 3]}
         for i, row in enumerate(ids.tolist())
     ]
+
+
+def load_benchmark(name):
+    """A module of benchmarks/ (not a package)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_args(output_dir, **overrides):
@@ -175,6 +190,16 @@ def test_target_features_are_decoder_layer_outputs(tmp_path):
     torch.testing.assert_close(features, expected)
     torch.testing.assert_close(last, tied.hidden_states[-1])
     assert not torch.allclose(raw.hidden_states[4], tied.hidden_states[4])
+
+
+def test_features_of_a_split_target_arrive_on_one_device():
+    """Layers of a target split over devices yield their outputs on different devices: every captured
+    feature goes to the requested one (the drafter's), here "meta", before they are concatenated."""
+    target = make_target()
+    with LayerFeatures(target, [-1, 1, 3], device="meta") as capture, torch.no_grad():
+        target(torch.randint(0, VOCAB, (2, 5)))
+    assert [f.device.type for f in capture.features] == ["meta"] * 3
+    assert capture.concatenated().shape == (2, 5, 3 * 32)
 
 
 def test_collator_pads_right_and_checks_lengths():
@@ -652,6 +677,122 @@ def test_bad_arguments_are_refused(pair, tmp_path):
             )
 
 
+# ---- devices and launchers --------------------------------------------------------------------------------
+
+
+def test_the_trainer_places_the_target_where_accelerate_does_not(pair, tmp_path, monkeypatch):
+    """Under FSDP accelerate places no model prepared for evaluation; the trainer places the target on the
+    accelerator's device itself, unless a device map splits it over several devices."""
+    from accelerate import Accelerator
+
+    target, drafter, dataset = pair
+    prepare_model = Accelerator.prepare_model
+
+    def prepare_without_placement(self, model, device_placement=None, evaluation_mode=False):
+        return prepare_model(self, model, device_placement=False, evaluation_mode=evaluation_mode)
+
+    placed = []
+    monkeypatch.setattr(Accelerator, "prepare_model", prepare_without_placement)
+    monkeypatch.setattr(
+        "dspark_hf.training.trainer.place_target",
+        lambda model, device: placed.append(device) or place_target(model, device),
+    )
+    trainer = DSparkTrainer(
+        model=drafter, target_model=target, args=make_args(tmp_path), train_dataset=dataset
+    )
+    assert placed == [trainer.accelerator.device]
+
+    moved = place_target(make_target(), torch.device("meta"))
+    assert {p.device.type for p in moved.parameters()} == {"meta"}
+    split = make_target()
+    split.hf_device_map = {"model.embed_tokens": 0, "model.layers": 0, "model.norm": 1, "lm_head": 1}
+    assert place_target(split, torch.device("meta")) is split
+    assert {p.device.type for p in split.parameters()} == {"cpu"}
+
+
+def test_several_gpus_in_one_process_are_refused(pair, tmp_path):
+    """n_gpu > 1 without a launcher would wrap the drafter in nn.DataParallel."""
+    target, drafter, dataset = pair
+    args = make_args(tmp_path)
+    args._n_gpu = 2
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node=2"):
+        DSparkTrainer(model=drafter, target_model=target, args=args, train_dataset=dataset)
+
+
+def test_fsdp1_without_original_parameters_is_refused():
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    with pytest.raises(ValueError, match="use_orig_params"):
+        check_fsdp_plugin(FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=False))
+    check_fsdp_plugin(FullyShardedDataParallelPlugin(fsdp_version=1, use_orig_params=True))
+    check_fsdp_plugin(FullyShardedDataParallelPlugin(fsdp_version=2))
+    check_fsdp_plugin(None)
+
+
+def test_a_bf16_step_builds_no_float32_tensor_of_all_block_positions(tmp_path, monkeypatch):
+    """Neither accelerate's float32 copy of the drafter's outputs nor the target's probabilities at every
+    block position [anchors x block, vocab]: the float32 vocabulary-sized tensors of a bf16 step are the
+    loss's chunks and the target's distinct positions."""
+    tracker_module = load_benchmark("training_memory")
+    vocab, chunk_rows = 1000, 4
+    monkeypatch.setattr("dspark_hf.training.loss._CHUNK_ELEMENTS", chunk_rows * vocab)
+    target = make_target(vocab_size=vocab).to(torch.bfloat16)
+    rows = make_rows(target, 2)
+    trainer = DSparkTrainer(
+        model=make_drafter(target, dtype=torch.float32),
+        target_model=target,
+        args=make_args(tmp_path, bf16=True, max_steps=1, num_anchors=16, per_device_train_batch_size=2),
+        train_dataset=Dataset.from_list(rows),
+    )
+    with tracker_module.VocabularyTensorTracker({vocab}) as tracker:
+        trainer.train()
+    draft_rows = 2 * 16 * BLOCK
+    supervised = sum(sum(row["loss_mask"]) for row in rows)
+    assert supervised < draft_rows  # overlapping blocks share target positions
+    float32_rows = [tracker_module.rows(t) for t in tracker.created if t.dtype == torch.float32]
+    assert float32_rows and max(float32_rows) <= supervised, float32_rows
+    # At the peak (the loss's backward) the logits and their gradient are the only ones of that size.
+    assert sum(tracker_module.rows(t) == draft_rows for t in tracker.at_peak) <= 2
+
+
+def test_bf16_training_holds_the_frozen_copies_in_bf16_and_saves_exactly(tmp_path):
+    """A bf16 target's embedding and LM head copies lose nothing in bf16: they are held so while training
+    (the trainable weights stay float32 masters), checkpoints reload exactly, and training ends with them
+    back in float32, unchanged."""
+    from transformers import TrainerCallback
+
+    target = make_target().to(torch.bfloat16)
+    drafter = make_drafter(target, dtype=torch.float32)
+    seen = []
+
+    class RecordDtypes(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen.append((model.embed_tokens.weight.dtype, model.lm_head.weight.dtype, model.fc.weight.dtype))
+
+    trainer = DSparkTrainer(
+        model=drafter,
+        target_model=target,
+        args=make_args(tmp_path, bf16=True, max_steps=2, save_strategy="steps", save_steps=2),
+        train_dataset=Dataset.from_list(make_rows(target, 4)),
+        callbacks=[RecordDtypes()],
+    )
+    trainer.train()
+    assert seen == [(torch.bfloat16, torch.bfloat16, torch.float32)] * 2
+    assert {p.dtype for p in drafter.parameters()} == {torch.float32}
+    torch.testing.assert_close(drafter.lm_head.weight, target.lm_head.weight.float(), rtol=0, atol=0)
+    reloaded = DSparkForCausalLM.from_pretrained(tmp_path / "checkpoint-2")
+    assert reloaded.dtype == torch.float32
+    for name, p in drafter.named_parameters():
+        assert torch.equal(reloaded.get_parameter(name), p), name
+
+
+def test_dspark_train_builds_float32_master_weights_for_a_bf16_target():
+    from dspark_hf.training.workflow import build_drafter
+
+    drafter = build_drafter(make_target().to(torch.bfloat16), None, num_hidden_layers=1)
+    assert {p.dtype for p in drafter.parameters()} == {torch.float32}
+
+
 def test_dspark_train_command(tmp_path):
     """`dspark train` end to end on a tiny target that uses the reference chat tokenizer."""
     from transformers import AutoTokenizer
@@ -700,9 +841,8 @@ def run_reference(output_dir, **overrides):
     return trainer
 
 
-def test_ddp_matches_single_process(tmp_path):
-    """2 CPU processes (gloo) x batch 2 give the losses and weights of 1 process x batch 4."""
-    result = tmp_path / "ddp.json"
+def torchrun(*arguments: str) -> None:
+    """Run `arguments` (a script or `-m module` and its arguments) in 2 CPU processes with torchrun."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     command = [
         sys.executable,
@@ -710,13 +850,17 @@ def test_ddp_matches_single_process(tmp_path):
         "torch.distributed.run",
         "--standalone",  # rendezvous on a free port chosen by torchrun itself
         "--nproc_per_node=2",
-        __file__,
-        str(tmp_path / "ddp"),
-        str(result),
+        *arguments,
     ]
     completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     errors = [line for line in completed.stderr.splitlines() if "find_unused_parameters" not in line]
     assert completed.returncode == 0, "\n".join(errors[-60:])
+
+
+def test_ddp_matches_single_process(tmp_path):
+    """2 CPU processes (gloo) x batch 2 give the losses and weights of 1 process x batch 4."""
+    result = tmp_path / "ddp.json"
+    torchrun(__file__, "ddp", str(tmp_path / "ddp"), str(result))
     ddp = json.loads(result.read_text())
     assert ddp["world_size"] == 2
 
@@ -746,8 +890,51 @@ def _ddp_worker(output_dir: str, result: str) -> None:
     os._exit(0)
 
 
+def test_processes_with_skewed_clocks_end_a_time_budget_together(tmp_path):
+    """One process's clock runs three times as fast: both still stop on the same step, having applied the
+    same learning rates (the main process's clock), the last one the schedule's end."""
+    result = tmp_path / "budget.json"
+    torchrun(__file__, "budget", str(tmp_path / "budget"), str(result))
+    ranks = [json.loads(Path(f"{result}.{rank}").read_text()) for rank in (0, 1)]
+    assert ranks[0] == ranks[1]
+    assert ranks[0]["steps"] > 2 and ranks[0]["final_rate"] == 0.0
+
+
+def _budget_worker(output_dir: str, result: str) -> None:
+    import types
+
+    from dspark_hf.training import time_budget
+
+    rank = int(os.environ["RANK"])
+    if rank == 1:
+        clock = time_budget.time.perf_counter
+        time_budget.time = types.SimpleNamespace(perf_counter=lambda: 3 * clock())
+    target = make_target()
+    trainer = DSparkTrainer(
+        model=make_drafter(target),
+        target_model=target,
+        args=make_args(
+            output_dir,
+            max_steps=100_000,
+            max_train_minutes=0.01,
+            warmup_steps=0.1,
+            per_device_train_batch_size=2,
+            ddp_backend="gloo",
+        ),  # fmt: skip
+        train_dataset=Dataset.from_list(make_rows(target, 4)),
+    )
+    trainer.train()
+    rates = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    final_rate = trainer.lr_scheduler.get_last_lr()[0]
+    summary = {"steps": trainer.state.global_step, "rates": rates, "final_rate": final_rate}
+    Path(f"{result}.{rank}").write_text(json.dumps(summary))
+    trainer.accelerator.wait_for_everyone()
+    torch.distributed.destroy_process_group()
+    os._exit(0)
+
+
 if __name__ == "__main__":
-    _ddp_worker(*sys.argv[1:3])
+    {"ddp": _ddp_worker, "budget": _budget_worker}[sys.argv[1]](*sys.argv[2:4])
 
 
 def test_build_drafter_applies_the_recipe_over_the_shape(tmp_path):

@@ -64,7 +64,9 @@ def decode_shrinking_batch(
     eos = torch.tensor(sorted(set(eos_token_ids)), device=input_ids.device)
     cache = DynamicCache(config=model.config)
     cache_kwarg = cache_keyword(model)
-    rows = torch.arange(input_ids.shape[0])  # which answer each live row of the batch belongs to
+    # Which answer each live row of the batch belongs to; on the batch's device, where the mask that drops
+    # finished rows lives.
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)
     answers: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     tokens, position_ids = input_ids, (attention_mask.cumsum(-1) - 1).clamp(min=0)
     for step in range(max_new_tokens):

@@ -110,10 +110,14 @@ class LayerFeatures:
     Layer id i captures the output of decoder layer i (before the final norm), which is HF's
     `hidden_states[i + 1]` for every layer but the last; -1 captures the input of layer 0, i.e.
     `hidden_states[0]`. Usable as a context manager that removes the hooks on exit.
+
+    With `device`, every feature is moved there as it is captured: the layers of a target split over devices
+    (`device_map="auto"`) yield their outputs on different devices, and the drafter reads them on its own.
     """
 
-    def __init__(self, target: nn.Module, layer_ids: Sequence[int]):
+    def __init__(self, target: nn.Module, layer_ids: Sequence[int], device: torch.device | str | None = None):
         layers = decoder_layers(target)
+        self.device = device
         self.features: list[torch.Tensor | None] = [None] * len(layer_ids)
         self.capturing = True
         self.handles = []
@@ -146,13 +150,16 @@ class LayerFeatures:
     def length(self) -> int:
         return 0 if self.features[0] is None else self.features[0].shape[1]
 
-    def _store_input(self, slot: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    def _store(self, slot: int, feature: torch.Tensor) -> None:
         if self.capturing:
-            self.features[slot] = (args[0] if args else kwargs["hidden_states"]).detach()
+            feature = feature.detach()
+            self.features[slot] = feature if self.device is None else feature.to(self.device)
+
+    def _store_input(self, slot: int, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._store(slot, args[0] if args else kwargs["hidden_states"])
 
     def _store_output(self, slot: int, module: nn.Module, args: tuple, output: Any) -> None:
-        if self.capturing:
-            self.features[slot] = (output[0] if isinstance(output, tuple) else output).detach()
+        self._store(slot, output[0] if isinstance(output, tuple) else output)
 
 
 def accepted_per_round(committed: Sequence[int], final_length: int) -> list[int]:
@@ -306,8 +313,10 @@ class TargetTap(LayerFeatures):
     the committed tokens); features of other forwards are not kept.
     """
 
-    def __init__(self, target: PreTrainedModel, layer_ids: Sequence[int]):
-        super().__init__(target, layer_ids)
+    def __init__(
+        self, target: PreTrainedModel, layer_ids: Sequence[int], device: torch.device | str | None = None
+    ):
+        super().__init__(target, layer_ids, device)
         self.input_ids: torch.Tensor | None = None
         self.start = 0  # sequence index of the first captured position
         self.rounds: RoundLog | None = None

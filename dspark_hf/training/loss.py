@@ -51,11 +51,13 @@ class _ChunkedDistributionTerms(torch.autograd.Function):
     Rows cover K ids (the full vocabulary or a draft vocabulary); `outside` is the target mass on ids beyond
     them, a constant of L1. Labels are indices into the K ids, -1 where the label lies outside (no CE). Only
     the inputs are kept for backward; each chunk's probabilities are recomputed there and its gradient
-    written straight into one buffer of the logits' shape. Target values are constants.
+    written straight into one buffer of the logits' shape. Target values are constants. With `target_rows`,
+    row r's target is `target_probs[target_rows[r]]`, gathered chunk by chunk (overlapping blocks share
+    target rows, which are then stored once).
     """
 
     @staticmethod
-    def forward(ctx, draft_logits, target_probs, outside, labels, rows_per_chunk: int):
+    def forward(ctx, draft_logits, target_probs, target_rows, outside, labels, rows_per_chunk: int):
         dtype = torch.promote_types(draft_logits.dtype, torch.float32)
         num_rows = draft_logits.shape[0]
         ce = draft_logits.new_empty(num_rows, dtype=dtype)
@@ -66,15 +68,15 @@ class _ChunkedDistributionTerms(torch.autograd.Function):
             log_probs = torch.log_softmax(draft_logits[rows].to(dtype), dim=-1)
             label_log_probs = log_probs.gather(-1, labels[rows, None].clamp_min(0)).squeeze(-1)
             ce[rows] = torch.where(has_label[rows], -label_log_probs, 0.0)
-            distance = log_probs.exp_().sub_(target_probs[rows])
+            distance = log_probs.exp_().sub_(_target_chunk(target_probs, target_rows, rows))
             l1[rows] = torch.linalg.vector_norm(distance, ord=1, dim=-1) + outside[rows]
-        ctx.save_for_backward(draft_logits, target_probs, labels)
+        ctx.save_for_backward(draft_logits, target_probs, target_rows, labels)
         ctx.rows_per_chunk = rows_per_chunk
         return ce, l1
 
     @staticmethod
     def backward(ctx, grad_ce, grad_l1):
-        draft_logits, target_probs, labels = ctx.saved_tensors
+        draft_logits, target_probs, target_rows, labels = ctx.saved_tensors
         dtype = grad_ce.dtype
         grad = torch.empty_like(draft_logits)
         grad_ce = grad_ce * (labels >= 0)
@@ -83,13 +85,18 @@ class _ChunkedDistributionTerms(torch.autograd.Function):
             probs = torch.softmax(draft_logits[rows].to(dtype), dim=-1)
             # d CE / dz = p - onehot(y);  d L1 / dz_j = p_j * (s_j - sum_v s_v p_v) with s = sign(p - p_t);
             # together p * (g_l1 * s + g_ce - g_l1 * s.p) - g_ce * onehot(y), built in place in one buffer.
-            chunk_grad = torch.sub(probs, target_probs[rows]).sign_()
+            chunk_grad = torch.sub(probs, _target_chunk(target_probs, target_rows, rows)).sign_()
             signed_mass = torch.linalg.vecdot(chunk_grad, probs)
             g_l1 = grad_l1[rows, None]
             chunk_grad.mul_(g_l1).add_(grad_ce[rows, None] - g_l1 * signed_mass[:, None]).mul_(probs)
             chunk_grad.scatter_add_(-1, labels[rows, None].clamp_min(0), -grad_ce[rows, None])
             grad[rows] = chunk_grad
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
+
+
+def _target_chunk(target_probs: torch.Tensor, target_rows: torch.Tensor | None, rows: slice) -> torch.Tensor:
+    """The target probabilities of the draft rows `rows`."""
+    return target_probs[rows] if target_rows is None else target_probs[target_rows[rows]]
 
 
 def target_distribution(
@@ -127,6 +134,7 @@ def dspark_loss(
     vocab_ids: torch.Tensor | None = None,
     target_probs: torch.Tensor | None = None,
     target_outside_mass: torch.Tensor | None = None,
+    target_rows: torch.Tensor | None = None,
     ce_weight: float = 0.1,
     l1_weight: float = 0.9,
     confidence_weight: float = 1.0,
@@ -148,6 +156,9 @@ def dspark_loss(
         vocab_ids: [K] sorted, distinct token ids that the drafter can draft (a draft vocabulary), or None.
         target_probs, target_outside_mass: instead of `target_logits`, the target's probabilities at
             `vocab_ids` [..., block, K] and its mass outside them [..., block] (see `target_distribution`).
+        target_rows: [..., block] with `target_probs` [N, K] and `target_outside_mass` [N]: position i's
+            target is row `target_rows[i]`. Overlapping blocks share their targets, so N distinct rows stand
+            for all positions and no [positions, K] float32 target tensor is built.
         ce_weight, l1_weight, confidence_weight: weights of the three terms.
         decay_gamma: position k (0-based) weighs exp(-k / decay_gamma).
         chunk_size: rows (block positions) per chunk of the vocabulary computation; by default about 16M
@@ -168,14 +179,15 @@ def dspark_loss(
     """
     block_size = draft_logits.shape[-2]
     target_probs, target_outside_mass = _target_terms(
-        draft_logits, target_logits, vocab_ids, target_probs, target_outside_mass, chunk_size
+        draft_logits, target_logits, vocab_ids, target_probs, target_outside_mass, target_rows, chunk_size
     )
     _check_position_shapes(
         draft_logits,
         labels=labels,
         loss_mask=loss_mask,
         confidence_logits=confidence_logits,
-        target_outside_mass=target_outside_mass,
+        target_outside_mass=target_outside_mass if target_rows is None else None,
+        target_rows=target_rows,
     )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
@@ -185,7 +197,13 @@ def dspark_loss(
     denominator = weight_sum.clamp_min(torch.finfo(torch.float32).tiny)
 
     ce, l1 = _distribution_terms(
-        draft_logits, target_probs, target_outside_mass, labels.masked_fill(~mask, 0), vocab_ids, chunk_size
+        draft_logits,
+        target_probs,
+        target_outside_mass,
+        target_rows,
+        labels.masked_fill(~mask, 0),
+        vocab_ids,
+        chunk_size,
     )
     ce_loss = (ce * weights).sum() / denominator
     l1_loss = (l1 * weights).sum() / denominator
@@ -228,6 +246,7 @@ def _target_terms(
     vocab_ids: torch.Tensor | None,
     target_probs: torch.Tensor | None,
     target_outside_mass: torch.Tensor | None,
+    target_rows: torch.Tensor | None,
     chunk_size: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The target's probabilities over the draft logits' ids and its mass outside them, from whichever of
@@ -235,6 +254,14 @@ def _target_terms(
     width = draft_logits.shape[-1]
     if (target_logits is None) == (target_probs is None):
         raise ValueError("Pass exactly one of target_logits and target_probs.")
+    if target_rows is not None:
+        if target_probs is None or target_probs.dim() != 2 or target_probs.shape[-1] != width:
+            raise ValueError(f"target_rows needs target_probs of shape [N, {width}].")
+        if target_outside_mass is not None and target_outside_mass.shape != target_probs.shape[:1]:
+            raise ValueError(
+                f"target_outside_mass {tuple(target_outside_mass.shape)} must hold one value per row of "
+                f"target_probs, {tuple(target_probs.shape[:1])}."
+            )
     if vocab_ids is not None and vocab_ids.shape != (width,):
         raise ValueError(
             f"vocab_ids {tuple(vocab_ids.shape)} must list the {width} ids of draft_logits' last dimension."
@@ -248,7 +275,7 @@ def _target_terms(
                 + (" over the full vocabulary." if vocab_ids is not None else ".")
             )
         return target_distribution(target_logits, vocab_ids, chunk_size)
-    if target_probs.shape != draft_logits.shape:
+    if target_rows is None and target_probs.shape != draft_logits.shape:
         raise ValueError(
             f"target_probs {tuple(target_probs.shape)} must have the shape of draft_logits "
             f"{tuple(draft_logits.shape)}."
@@ -273,6 +300,7 @@ def _distribution_terms(
     draft_logits: torch.Tensor,
     target_probs: torch.Tensor,
     target_outside_mass: torch.Tensor,
+    target_rows: torch.Tensor | None,
     labels: torch.Tensor,
     vocab_ids: torch.Tensor | None,
     chunk_size: int | None,
@@ -280,10 +308,15 @@ def _distribution_terms(
     """Per-position cross-entropy and L1 distance [..., block], computed over row chunks."""
     width = draft_logits.shape[-1]
     label_index = labels if vocab_ids is None else draft_index(vocab_ids, labels)
+    outside = target_outside_mass.detach().float()
+    if target_rows is not None:
+        target_rows = target_rows.reshape(-1)
+        outside = outside[target_rows]
     ce, l1 = _ChunkedDistributionTerms.apply(
         draft_logits.reshape(-1, width),
         target_probs.detach().reshape(-1, width),
-        target_outside_mass.detach().reshape(-1).float(),
+        target_rows,
+        outside.reshape(-1),
         label_index.reshape(-1),
         chunk_size or max(1, _CHUNK_ELEMENTS // width),
     )

@@ -4,6 +4,11 @@ A step-based schedule under a time limit stops wherever the clock runs out, ofte
 (the rate is still high when training stops). Here the schedule's progress is the fraction of the budget
 spent, so warm-up and decay are fractions of the budget and the rate reaches its final value exactly when
 training ends.
+
+Under several processes each has its own clock; one that stopped a step early would leave the others
+waiting in the gradient all-reduce, and each would apply a slightly different rate. With `agree`, the
+processes adopt one clock reading (the main process's) after every optimizer step, before the scheduler
+reads it: they stop on the same step with the same rates.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -26,9 +32,17 @@ class WallClockBudget(TrainerCallback):
 
     The clock starts at `on_train_begin`. `lr_factor` marks the budget spent the first time the scheduler
     sees progress >= 1 (and then returns the final factor); the step that follows is the last one.
+    `agree` maps this process's elapsed seconds to the reading all processes share (e.g. a broadcast from
+    the main process); progress then moves once per optimizer step, by that shared reading.
     """
 
-    def __init__(self, minutes: float, schedule: str = "cosine", warmup_fraction: float = 0.0):
+    def __init__(
+        self,
+        minutes: float,
+        schedule: str = "cosine",
+        warmup_fraction: float = 0.0,
+        agree: Callable[[float], float] | None = None,
+    ):
         if not minutes > 0:
             raise ValueError(f"max_train_minutes must be > 0, got {minutes}.")
         if schedule not in SCHEDULES:
@@ -46,13 +60,17 @@ class WallClockBudget(TrainerCallback):
         self.elapsed_before = 0.0  # seconds spent by the run this one resumes
         self.started: float | None = None
         self.spent = False
+        self.agree = agree
+        self.agreed_elapsed = 0.0  # the shared reading at the last optimizer step (with `agree`)
 
     def elapsed(self) -> float:
+        """Seconds of this process's clock since the budget started (resumed runs included)."""
         running = 0.0 if self.started is None else time.perf_counter() - self.started
         return self.elapsed_before + running
 
     def progress(self) -> float:
-        return min(1.0, self.elapsed() / self.seconds)
+        elapsed = self.elapsed() if self.agree is None else self.agreed_elapsed
+        return min(1.0, elapsed / self.seconds)
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the peak rate at the current clock time (`step` is ignored)."""
@@ -79,6 +97,12 @@ class WallClockBudget(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.started = time.perf_counter()
         self.spent = False
+        self.agreed_elapsed = self.elapsed_before
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if self.agree is not None:
+            self.agreed_elapsed = self.agree(self.elapsed())
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.spent:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import broadcast, is_peft_model
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -242,6 +242,14 @@ class DSparkTrainer(Trainer):
             args = DSparkTrainingArguments(output_dir="dspark-drafter")
         elif not isinstance(args, DSparkTrainingArguments):
             raise TypeError(f"args must be DSparkTrainingArguments, got {type(args).__name__}.")
+        if args.n_gpu > 1:
+            raise ValueError(
+                f"This process sees {args.n_gpu} GPUs but was not launched as one process per GPU, so the "
+                "Trainer would wrap the drafter in nn.DataParallel, which splits the draft vocabulary along "
+                "with the batch and skips the mixed-precision autocast. Launch one process per GPU "
+                f"(`torchrun --nproc_per_node={args.n_gpu} ...` or `accelerate launch ...`), or train on one "
+                "GPU with CUDA_VISIBLE_DEVICES=0."
+            )
         check_target_compatibility(model, target_model)
         for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
             for split, rows in dataset.items() if isinstance(dataset, dict) else [(None, dataset)]:
@@ -254,7 +262,10 @@ class DSparkTrainer(Trainer):
             model = apply_peft(model, peft_config)
         self._budget = None
         if args.max_train_minutes is not None:
-            self._budget = WallClockBudget(args.max_train_minutes, args.lr_scheduler_type, args.warmup_steps)
+            agree = self._main_process_reading if args.world_size > 1 else None
+            self._budget = WallClockBudget(
+                args.max_train_minutes, args.lr_scheduler_type, args.warmup_steps, agree
+            )
             callbacks = [*(callbacks or []), self._budget]
         if data_collator is None:
             pad_id = getattr(processing_class, "pad_token_id", None)
@@ -272,11 +283,14 @@ class DSparkTrainer(Trainer):
             optimizers=optimizers,
         )
         self.model.add_model_tags(self._tag_names)
+        check_fsdp_plugin(getattr(self.accelerator.state, "fsdp_plugin", None))
         if self.is_deepspeed_enabled:
             from trl.models import prepare_deepspeed
 
             self.target_model = prepare_deepspeed(target_model, self.accelerator)
         else:
+            # accelerate places a model for evaluation only outside FSDP, so the trainer places it itself.
+            target_model = place_target(target_model, self.accelerator.device)
             self.target_model = self.accelerator.prepare_model(target_model, evaluation_mode=True)
         unwrapped_target = self.accelerator.unwrap_model(self.target_model)
         self._unwrapped_target = unwrapped_target
@@ -304,6 +318,11 @@ class DSparkTrainer(Trainer):
         if self._budget is not None:
             return self._budget.progress()
         return self.state.global_step / max(self.state.max_steps, 1)
+
+    def _main_process_reading(self, seconds: float) -> float:
+        """The main process's `seconds`, on every process (the wall-clock budget's shared clock)."""
+        reading = torch.tensor([seconds], dtype=torch.float64, device=self.accelerator.device)
+        return float(broadcast(reading, from_process=0))
 
     def _distribution_weights(self, training: bool) -> dict[str, float]:
         """CE and L1 weights of this step: cross-entropy only during `ce_warmup_fraction` of training."""
@@ -352,14 +371,25 @@ class DSparkTrainer(Trainer):
         return self.lr_scheduler
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """`Trainer.train`; a resumed run also continues the wall-clock budget of its checkpoint."""
+        """`Trainer.train`; a resumed run also continues the wall-clock budget of its checkpoint.
+
+        Under mixed precision the frozen copies of the target's embedding and LM head are held in the
+        compute dtype while training, where that loses nothing (their values come from a target of that
+        dtype): they need no master weights, and autocast would otherwise copy the LM head every step.
+        """
         if self._budget is not None and resume_from_checkpoint:
             checkpoint = resume_from_checkpoint
             if checkpoint is True:
                 checkpoint = get_last_checkpoint(self.args.output_dir)
             if checkpoint:
                 self._budget.restore(checkpoint)
-        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        compute_dtype = torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+        held = hold_frozen_copies(self.accelerator.unwrap_model(self.model), compute_dtype)
+        try:
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            for module, dtype in held:
+                module.to(dtype)
         if self._target_cache is not None:
             logger.info(self._target_cache.describe())
             self.log(self._target_cache.stats())
@@ -429,12 +459,16 @@ class DSparkTrainer(Trainer):
         Feature i is the output of decoder layer i (-1: the embeddings), captured by hooks exactly as at
         generation time; HF's `hidden_states[i + 1]` would put the final norm on the last layer's.
         """
-        with LayerFeatures(self._unwrapped_target, self._drafter_config.target_layer_ids) as capture:
+        # A target split over devices (`device_map`) yields features on several of them; they all go to the
+        # batch's device, the drafter's.
+        device = input_ids.device
+        layer_ids = self._drafter_config.target_layer_ids
+        with LayerFeatures(self._unwrapped_target, layer_ids, device=device) as capture:
             with self.accelerator.autocast():
                 outputs = self._target_decoder(
                     input_ids=input_ids, attention_mask=attention_mask, use_cache=False
                 )
-        return capture.concatenated(), outputs.last_hidden_state
+        return capture.concatenated(), outputs.last_hidden_state.to(device)
 
     def _training_vocab(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """The ids the drafter is trained to draft over: its draft vocabulary, extended (as at generation)
@@ -450,12 +484,13 @@ class DSparkTrainer(Trainer):
     @torch.no_grad()
     def _target_distribution(
         self, last_hidden: torch.Tensor, blocks: DSparkBlocks, vocab_ids: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The target's next-token probabilities at every block position [B, A, block, K] (at `vocab_ids`)
-        and its mass outside them [B, A, block].
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The target's next-token probabilities [N, K] (at `vocab_ids`) and its mass outside them [N] at
+        the N distinct supervised positions, and the row of each block position [B, A, block].
 
         The distribution of the token after position p comes from the target's hidden state at p. Blocks
-        overlap, so the LM head runs once per distinct supervised position, not once per block slot.
+        overlap, so the LM head runs once per distinct supervised position, not once per block slot, and
+        the loss reads each slot's row chunk by chunk (a [B, A, block, K] float32 target is never built).
         """
         batch, seq_len, width = last_hidden.shape
         positions = blocks.block_positions.clamp(max=seq_len - 1)
@@ -465,11 +500,13 @@ class DSparkTrainer(Trainer):
             needed = flat.new_zeros(1)
         lookup = flat.new_zeros(batch * seq_len)
         lookup[needed] = torch.arange(needed.numel(), device=needed.device)
-        # Under mixed precision the final norm may return float32 next to a bfloat16 head.
-        hidden = last_hidden.reshape(-1, width)[needed].to(self._target_lm_head.weight.dtype)
-        probs, outside = target_distribution(self._target_lm_head(hidden), vocab_ids)
+        # Under mixed precision the final norm may return float32 next to a bfloat16 head; the head of a
+        # target split over devices may live on another device than the drafter.
+        head = self._target_lm_head.weight
+        hidden = last_hidden.reshape(-1, width)[needed].to(head.device, head.dtype)
+        probs, outside = target_distribution(self._target_lm_head(hidden).to(last_hidden.device), vocab_ids)
         rows = lookup[flat]  # unsupervised slots read an arbitrary row; their weight is 0
-        return probs[rows], outside[rows]
+        return probs, outside, rows
 
     def compute_loss(
         self,
@@ -488,17 +525,23 @@ class DSparkTrainer(Trainer):
         )
         features, last_hidden = self._target_states(inputs["input_ids"], inputs["attention_mask"])
         vocab_ids = self._training_vocab(inputs)
-        outputs = model(
-            input_ids=blocks.input_ids,
-            target_hidden_states=features,
-            position_ids=blocks.position_ids,
-            prev_token_ids=blocks.prev_token_ids,
-            attention_mask=blocks.attention_mask,
-            vocab_ids=vocab_ids,
-            detach_confidence_input=self.args.confidence_detach_backbone,
-        )
+        # accelerate's mixed precision wraps the drafter's forward so that it returns float32 copies of its
+        # outputs, which would double the logits; the loss upcasts them chunk by chunk instead, so the
+        # wrapper goes and the forward runs under accelerate's autocast here.
+        self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+        with self.accelerator.autocast():
+            outputs = model(
+                input_ids=blocks.input_ids,
+                target_hidden_states=features,
+                position_ids=blocks.position_ids,
+                prev_token_ids=blocks.prev_token_ids,
+                attention_mask=blocks.attention_mask,
+                vocab_ids=vocab_ids,
+                detach_confidence_input=self.args.confidence_detach_backbone,
+                return_base_logits=False,
+            )
         shape = blocks.labels.shape
-        target_probs, outside_mass = self._target_distribution(last_hidden, blocks, vocab_ids)
+        target_probs, outside_mass, target_rows = self._target_distribution(last_hidden, blocks, vocab_ids)
         confidence = outputs.confidence_logits
         result = dspark_loss(
             outputs.logits.view(*shape, -1),
@@ -509,6 +552,7 @@ class DSparkTrainer(Trainer):
             vocab_ids=vocab_ids,
             target_probs=target_probs,
             target_outside_mass=outside_mass,
+            target_rows=target_rows,
             **self._distribution_weights(model.training),
             confidence_weight=self.args.confidence_weight,
             decay_gamma=self.args.decay_gamma,
@@ -657,6 +701,44 @@ def check_dataset(dataset: Any, name: str) -> None:
     )
 
 
+def hold_frozen_copies(model: nn.Module, dtype: torch.dtype | None) -> list[tuple[nn.Module, torch.dtype]]:
+    """Cast the drafter's frozen copies of the target's embedding and LM head to `dtype` where their values
+    are exactly representable there; returns each cast module with its former dtype (to cast back)."""
+    held = []
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        weight = module.weight
+        if (
+            dtype is None
+            or weight.dtype == dtype
+            or not torch.equal(weight.to(dtype).to(weight.dtype), weight)
+        ):
+            continue
+        held.append((module, weight.dtype))
+        module.to(dtype)
+    return held
+
+
+def place_target(target: nn.Module, device: torch.device) -> nn.Module:
+    """`target` on `device`, unless a `device_map` split it over several devices, where it stays."""
+    device_map = getattr(target, "hf_device_map", None) or {}
+    if len(set(device_map.values())) > 1:
+        return target
+    return target.to(device)
+
+
+def check_fsdp_plugin(plugin: Any) -> None:
+    """Raise a ValueError for an FSDP setup that cannot train a drafter: FSDP1 with `use_orig_params=False`
+    flattens each unit's parameters into one tensor, which cannot mix the frozen copies of the target's
+    embedding and LM head with trainable weights."""
+    if plugin is None or plugin.fsdp_version != 1 or plugin.use_orig_params is not False:
+        return
+    raise ValueError(
+        "FSDP1 with use_orig_params=False cannot train a DSpark drafter: its embedding and LM head are "
+        "frozen copies of the target's and share FSDP units with trainable weights. Use FSDP2 "
+        "(fsdp_config={'version': 2}, the default) or fsdp_config={'version': 1, 'use_orig_params': True}."
+    )
+
+
 def apply_peft(model: PreTrainedModel, peft_config: Any) -> nn.Module:
     """`peft.get_peft_model` for a drafter, refusing configurations that do not fit a custom model type.
 
@@ -701,5 +783,7 @@ __all__ = [
     "block_label_mask",
     "build_blocks",
     "check_dataset",
+    "check_fsdp_plugin",
+    "place_target",
     "sample_anchors",
 ]

@@ -199,11 +199,14 @@ def build_drafter(
     **config_overrides: Any,
 ) -> DSparkForCausalLM:
     """The drafter a run trains: the saved `drafter` folder loaded, or a fresh drafter for `target` with
-    `config_overrides` (e.g. its shape) and the `recipe`'s drafter settings, which win."""
+    `config_overrides` (e.g. its shape) and the `recipe`'s drafter settings, which win.
+
+    Its weights are float32 whatever the target's: they are the master weights that mixed precision
+    (`--bf16`) updates; the trainer holds the frozen copies of the target's weights in the compute dtype."""
     if drafter is not None:
-        return DSparkForCausalLM.from_pretrained(drafter)
+        return DSparkForCausalLM.from_pretrained(drafter, dtype=torch.float32)
     settings = {**config_overrides, **(get_recipe(recipe).drafter if recipe else {})}
-    return DSparkForCausalLM.from_target(target, tokenizer=tokenizer, **settings)
+    return DSparkForCausalLM.from_target(target, tokenizer=tokenizer, dtype=torch.float32, **settings)
 
 
 def lora_config(rank: int) -> Any:
