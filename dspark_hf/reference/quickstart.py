@@ -176,7 +176,6 @@ def quickstart_drafter(target, tokenizer, options: QuickstartOptions) -> DSparkF
         tokenizer,
         options.recipe,
         target_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
-        dtype=torch.float32,
         layer_init=options.layer_init,
         num_hidden_layers=options.num_hidden_layers,
         block_size=options.block_size,
