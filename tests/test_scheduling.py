@@ -510,5 +510,5 @@ def test_dspark_calibrate_command(tmp_path, capsys):
     assert output.count(" -> ") >= 3 * 5  # positions 1..4 and "all", three metrics each
 
     export_deepspec(calibrated, tmp_path / "deepspec")
-    with pytest.raises(SystemExit, match="--output-dir"):
+    with pytest.raises(SystemExit, match="--output_dir"):
         main(["calibrate", str(tmp_path / "deepspec"), "--target", str(tmp_path / "target")])
