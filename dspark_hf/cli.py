@@ -224,6 +224,7 @@ def _run_calibrate(args: argparse.Namespace) -> None:
             do_sample=args.do_sample,
             profile_target_cost=args.profile_cost,
             profile_context_length=args.profile_context_length,
+            profile_small_batch_linears=args.small_batch_linears,
             output_dir=args.output_dir,
             seed=args.seed,
         )
@@ -274,6 +275,12 @@ def _add_calibrate_command(subparsers) -> None:
     )
     parser.add_argument(
         "--profile-context-length", type=int, default=256, help="Cached tokens while profiling the target."
+    )
+    parser.add_argument(
+        "--small-batch-linears",
+        action="store_true",
+        help="Profile the cost with dspark_hf.small_batch_linear.SmallBatchLinears active (for generation "
+        "that runs inside it: verifying a few tokens then costs about as much as one).",
     )
     parser.add_argument("--output-dir", help="Save the calibrated drafter here instead of in place.")
     parser.add_argument("--seed", type=int, default=0)
