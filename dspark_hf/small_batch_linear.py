@@ -72,10 +72,10 @@ def _apply(
     """`F.linear(x, weight, bias)` for a 2-D `x` computed by `kernel`."""
     if kernel == "linear":
         return F.linear(x, weight, bias)
-    if kernel == "transposed":
+    if kernel == "transposed":  # made contiguous: later ops and kernels are slower on a transposed output
         if bias is None:
-            return torch.mm(weight, x.t()).t()
-        return torch.addmm(bias.unsqueeze(1), weight, x.t()).t()
+            return torch.mm(weight, x.t()).t().contiguous()
+        return torch.addmm(bias.unsqueeze(1), weight, x.t()).t().contiguous()
     if kernel == "onednn_packed":
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return torch.ops.mkl._mkl_linear(x, packed, weight, bias, x.shape[0])
