@@ -14,7 +14,6 @@ the same position logits that agree to float precision, not bit for bit, with or
 from __future__ import annotations
 
 import functools
-import statistics
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ _ShapeKey = tuple[int, int, bool, torch.dtype]  # out_features, in_features, has
 
 @dataclass(frozen=True)
 class _Profile:
-    """The kernel chosen per row count 1..max_rows of one weight shape, and the median seconds of every kernel
+    """The kernel chosen per row count 1..max_rows of one weight shape, and every kernel's fastest seconds
     per row count (one pass over the profiled weights)."""
 
     plan: tuple[Kernel, ...]
@@ -139,7 +138,8 @@ class SmallBatchLinears:
             patched `forward` and weights off the CPU or in other dtypes than float32 / bfloat16 are left).
         max_rows (`int`): the largest row count routed, i.e. the most tokens of one forward.
         kernels (`Sequence[Kernel]`): the candidates to profile; "linear" is always among them.
-        repeats (`int`): timed rounds per (shape, rows, kernel); the median decides.
+        repeats (`int`): timed rounds per (shape, rows, kernel); the fastest counts (other processes on the
+            cores only ever add time, so the minimum ranks the kernels most reliably on a shared machine).
     """
 
     def __init__(
@@ -270,7 +270,7 @@ class SmallBatchLinears:
                     if repeat:
                         samples[kernel].append(time.perf_counter() - start)
             for kernel in kernels:
-                seconds[kernel].append(statistics.median(samples[kernel]))
+                seconds[kernel].append(min(samples[kernel]))
         plan = []
         for rows in range(self.max_rows):
             best = min(kernels, key=lambda kernel: seconds[kernel][rows])
