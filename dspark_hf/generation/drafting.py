@@ -326,9 +326,10 @@ class DSparkGenerationMixin(GenerationMixin):
         """The captured target features of newly committed positions, their positions, and whether the context
         then covers every position before the anchor.
 
-        The last target forward covered [anchor, drafts] (the prompt and a draft at prefill); of those, only
-        the positions before the new anchor whose tokens the target committed are valid. The anchor's own
-        features enter next round.
+        The tap keeps the target forwards' features from the first position the context lacks on: the last
+        forward covered [anchor, drafts] (the prompt and a draft at prefill), plain steps before it one
+        position each; only the positions before the new anchor whose tokens the target committed are
+        valid. The anchor's own features enter next round.
         """
         tap, context = self._target_tap, self._draft_context
         if context is None:
@@ -343,16 +344,18 @@ class DSparkGenerationMixin(GenerationMixin):
         context.ids = sequence
 
         anchor = sequence.shape[0] - 1
-        start, end = tap.start, min(tap.start + tap.length, anchor)
+        start, ids, captured = tap.span()
+        end = min(start + ids.shape[0], anchor)
         if end > start:
-            wrong = (tap.input_ids[0, : end - start].to(sequence.device) != sequence[start:end]).nonzero()
+            wrong = (ids[: end - start].to(sequence.device) != sequence[start:end]).nonzero()
             end = start + int(wrong[0]) if wrong.numel() else end
         new_start = context.end
         if start <= new_start < end:
-            features = torch.cat([f[:, new_start - start : end - start] for f in tap.features], dim=-1)
+            features = captured[:, new_start - start : end - start]
             context.end = end
         else:
             features = torch.zeros(1, 0, self.config.num_features * self.config.hidden_size)
+        tap.release(context.end)
         positions = torch.arange(new_start, context.end, device=self.device)
         return features.to(self.device, self.dtype), positions, context.end == anchor
 
