@@ -20,6 +20,7 @@ transformers' own ``speculation_type="dflash"`` path is recorded as skipped, wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -38,6 +39,7 @@ import transformers
 from tqdm.auto import tqdm
 
 import dspark_hf
+from dspark_hf.generation.small_batch_linear import SmallBatchLinears
 from dspark_hf.modeling_dspark import DSparkForCausalLM
 from dspark_hf.reference.benchmarking import (
     PromptRun,
@@ -103,6 +105,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0, help="prompt i is generated with seed + i")
+    parser.add_argument(
+        "--small-batch-linears",
+        action="store_true",
+        help="run every method, plain decoding included, with dspark_hf.small_batch_linear.SmallBatchLinears "
+        "active on the targets",
+    )
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -372,8 +380,18 @@ class Benchmark:
         return self.args.prompt_lookup_tokens if method == "prompt_lookup" else None
 
     def run(self) -> dict[str, Any]:
+        """Every method on every (dataset, temperature); with `--small-batch-linears` all of them inside
+        `SmallBatchLinears` on both targets, so plain decoding gets the same kernels as verification."""
+        torch.set_num_threads(self.args.threads)
+        with contextlib.ExitStack() as runtimes:
+            if self.args.small_batch_linears:
+                for target in (self.target, self.target_bf16):
+                    if target is not None:
+                        runtimes.enter_context(SmallBatchLinears(target))
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         args = self.args
-        torch.set_num_threads(args.threads)
         started = time.perf_counter()
         results: dict[str, Any] = {
             "machine": machine_info(args.threads),
@@ -517,6 +535,7 @@ class Benchmark:
             "sampling": "temperature 1.0, top_k=0, top_p=1.0",
             "prompt_lookup_num_tokens": args.prompt_lookup_tokens,
             "seed": args.seed,
+            "small_batch_linears": args.small_batch_linears,
             "methods": self.methods,
             "drafters": drafters,
         }

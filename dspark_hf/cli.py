@@ -263,6 +263,13 @@ class CalibrateArguments:
     profile_context_length: int = field(
         default=256, metadata={"help": "Cached tokens while profiling the target."}
     )
+    small_batch_linears: bool = field(
+        default=False,
+        metadata={
+            "help": "Profile the cost with dspark_hf.generation.small_batch_linear.SmallBatchLinears active "
+            "(for generation that runs inside it: verifying a few tokens then costs about as much as one)."
+        },
+    )
     output_dir: str | None = field(
         default=None, metadata={"help": "Save the calibrated drafter here instead of in place."}
     )
@@ -281,6 +288,7 @@ def _run_calibrate(args: argparse.Namespace) -> None:
         do_sample=options.do_sample,
         profile_target_cost=options.profile_cost,
         profile_context_length=options.profile_context_length,
+        profile_small_batch_linears=options.small_batch_linears,
         output_dir=options.output_dir,
         seed=options.seed,
     )

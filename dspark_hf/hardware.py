@@ -1,4 +1,5 @@
-"""What this machine computes fast, for the defaults that depend on it and the record of every measurement.
+"""What this machine computes fast, for the defaults that depend on it and the record of every measurement,
+and how to time work queued on an accelerator.
 
 An AVX2-only CPU emulates bfloat16 matrix products several times slower than float32, while CPUs with AMX or
 AVX-512 BF16 run them faster than float32: the faster training and decoding dtype depends on the CPU.
@@ -35,4 +36,13 @@ def cpu_description() -> dict:
     }
 
 
-__all__ = ["cpu_description", "cpu_has_native_bf16"]
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the kernels queued on `device`, so that a wall-clock timing covers them (no-op on CPU, where
+    every operation has finished when it returns)."""
+    device = torch.device(device)
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and hasattr(backend, "synchronize"):
+        backend.synchronize()
+
+
+__all__ = ["cpu_description", "cpu_has_native_bf16", "synchronize"]

@@ -53,11 +53,13 @@ class VanillaMarkovHead(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One sequential step: bias [..., V] for the position whose hidden state is given, and the state.
 
-        `projection` [r, K] stands in for W2 (the drafting loop keeps W2 transposed in float32, perhaps
-        restricted to a sub-vocabulary, the layout cheapest for one row); the bias is then float32 [..., K].
+        `projection` [r, K] stands in for W2 (the drafting loop keeps W2 transposed, perhaps restricted to a
+        sub-vocabulary, the layout cheapest for one row); the bias then has its dtype.
         """
         latent, state = self.latent(self.prev_embeddings(prev_token_ids), hidden_states, state)
-        return (self.project(latent) if projection is None else latent.float() @ projection), state
+        return (
+            self.project(latent) if projection is None else latent.to(projection.dtype) @ projection
+        ), state
 
     def forward(
         self,

@@ -194,6 +194,9 @@ def test_calibrate_flags_become_the_workflow_arguments(record, tmp_path, capsys)
     args, kwargs = calls[0]
     assert args == ("drafter", None) and kwargs["prompts_per_set"] == 2
     assert kwargs["do_sample"] and kwargs["profile_target_cost"] and kwargs["output_dir"] is None
+    assert not kwargs["profile_small_batch_linears"]
+    main(["calibrate", "drafter", "--profile-cost", "--small-batch-linears"])
+    assert calls[1][1]["profile_small_batch_linears"]
     out = capsys.readouterr().out
     assert "3 rounds of sampling at temperature 1" in out and "(ms): 1.0, 2.0" in out
     assert exit_code(["calibrate"]) == 2  # the drafter folder is required

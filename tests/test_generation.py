@@ -12,7 +12,8 @@ from conftest import make_tiny_drafter, make_tiny_target
 
 from dspark_hf import DSparkConfig, DSparkForCausalLM
 from dspark_hf.formats.deepspec import deepspec_config_dict
-from dspark_hf.generation.target_tap import check_transformers_version
+from dspark_hf.generation.lookup import lookup_continuation, one_hot_logits
+from dspark_hf.generation.target_tap import SourceStats, check_transformers_version
 from dspark_hf.heads import GatedMarkovHead, RNNMarkovHead
 from dspark_hf.scheduling.calibration import record_calibration_rounds
 from dspark_hf.scheduling.cost_profile import CostProfile
@@ -699,3 +700,180 @@ def test_cost_profile_is_saved_with_the_drafter_and_not_exported(tmp_path, llama
         DSparkConfig(
             num_target_layers=4, target_layer_ids=[1], target_cost_profile={"seconds_per_step": [0.0]}
         )
+
+
+# ---- drafts from the context, stepping aside ------------------------------------------------------------
+
+
+def test_lookup_finds_the_continuation_of_the_longest_recent_match():
+    sequence = torch.tensor([5, 6, 7, 8, 9, 1, 2, 3, 7, 4, 0, 6, 7])
+    found = lookup_continuation(sequence, max_ngram=3, min_ngram=1, num_tokens=4)
+    assert found.ngram == 2 and found.tokens.tolist() == [8, 9, 1, 2]  # "6 7" beats the later "7"
+    found = lookup_continuation(sequence, max_ngram=1, min_ngram=1, num_tokens=2)
+    assert found.ngram == 1 and found.tokens.tolist() == [4, 0]  # the most recent "7"
+    repeating = torch.tensor([1, 2, 3, 1, 2, 3, 1, 2])
+    assert lookup_continuation(repeating, 3, 1, 5).tokens.tolist() == [3, 1, 2]  # up to the sequence's end
+    assert lookup_continuation(torch.tensor([1, 2, 3]), 3, 2, 5).tokens.numel() == 0
+    assert lookup_continuation(torch.tensor([4]), 3, 1, 5).tokens.numel() == 0
+
+
+def test_one_hot_logits_are_a_deterministic_proposal():
+    logits = one_hot_logits(torch.tensor([3, 0]), 5)
+    assert torch.equal(logits.softmax(-1), torch.eye(5)[[3, 0]])
+
+
+def repeating_prompt(seed: int) -> torch.Tensor:
+    """A prompt that repeats a random phrase, so lookup drafts find matches."""
+    phrase = random_prompt(6, seed)
+    return torch.cat([phrase, random_prompt(3, seed + 100), phrase[:, :4]], dim=1)
+
+
+def count_block_forwards(drafter, monkeypatch) -> list[int]:
+    calls = [0]
+    block_forward = drafter._block_forward
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return block_forward(*args, **kwargs)
+
+    monkeypatch.setattr(drafter, "_block_forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(lookup_drafting=True, lookup_policy="longest_match"),
+        dict(lookup_drafting=True, lookup_policy="expected_rate"),
+        dict(lookup_drafting=True, step_aside=True, lookup_min_ngram=2),
+        dict(step_aside=True, confidence_scheduling=True),
+    ],
+)
+def test_greedy_with_lookup_and_stepping_aside_is_token_identical(kind, options):
+    target, successor = tiny_target(kind, successor_scale=SUCCESSOR_SCALE)
+    drafter = tiny_drafter(target, "gated", successor)
+    drafter.set_cost_profile(CostProfile([1.0, 1.1, 1.2, 1.3, 1.4, 1.5]))
+    for name, value in options.items():
+        setattr(drafter.generation_config, name, value)
+    sources = set()
+    for i in range(6):
+        ids = repeating_prompt(i) if i % 2 else prompts(6)[i]
+        reference = target.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS)
+        out = target.generate(ids, assistant_model=drafter, do_sample=False, max_new_tokens=NEW_TOKENS)
+        assert torch.equal(out, reference), f"prompt {i} diverged"
+        stats = drafter.last_stats
+        assert len(stats.sources) == stats.rounds
+        per_source = stats.by_source()
+        assert sum(s.rounds for s in per_source.values()) == stats.rounds
+        assert sum(s.accepted for s in per_source.values()) == sum(stats.accepted)
+        assert per_source.get("plain", SourceStats("plain")).drafted == 0
+        sources |= set(per_source)
+    assert "dspark" in sources
+    assert ("lookup" in sources) == bool(options.get("lookup_drafting"))
+
+
+def test_stepping_aside_skips_an_untrained_drafter_and_catches_up(monkeypatch):
+    """An untrained drafter (tau ~1) steps aside: far fewer drafter forwards, identical output, and when it
+    drafts again its context holds exactly the target's features of every position before the anchor."""
+    target, _ = tiny_target("llama")
+    drafter = tiny_drafter(target, "vanilla")
+    drafter.set_cost_profile(CostProfile([1.0, 1.1, 1.2, 1.3, 1.4, 1.5]))
+    pushed = []
+    backbone = drafter.backbone
+
+    def recording_backbone(input_ids, target_hidden_states, position_ids, **kwargs):
+        pushed.append((target_hidden_states, position_ids[0, : target_hidden_states.shape[1]]))
+        return backbone(input_ids, target_hidden_states, position_ids, **kwargs)
+
+    monkeypatch.setattr(drafter, "backbone", recording_backbone)
+    ids = random_prompt(10, seed=3)
+    reference = target.generate(ids, do_sample=False, max_new_tokens=120)
+    out = target.generate(ids, assistant_model=drafter, do_sample=False, max_new_tokens=120)
+    always = drafter.last_stats
+    pushed.clear()
+    drafter.generation_config.step_aside = True
+    calls = count_block_forwards(drafter, monkeypatch)
+    stepping = target.generate(ids, assistant_model=drafter, do_sample=False, max_new_tokens=120)
+    assert torch.equal(out, reference) and torch.equal(stepping, reference)
+    stats = drafter.last_stats
+    per_source = stats.by_source()
+    assert always.tau < 1.2
+    assert calls[0] == per_source["dspark"].rounds + 1  # the prefill round drafts too
+    assert calls[0] <= 8 < per_source["plain"].rounds
+    # The prompt's context is reused from the first generation; the rest is pushed once, without a gap.
+    positions = torch.cat([p for _, p in pushed])
+    first, last = ids.shape[1], drafter._draft_context.end
+    assert torch.equal(positions, torch.arange(first, last))
+    assert max(p.numel() for _, p in pushed) >= 16  # a probe caught up on the plain steps before it
+    with torch.no_grad():
+        expected = target_features(target, stepping)[:, first:last]
+    torch.testing.assert_close(torch.cat([f for f, _ in pushed], dim=1), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(lookup_drafting=True, lookup_policy="longest_match"),
+        dict(step_aside=True, lookup_drafting=True, lookup_min_ngram=2),
+    ],
+)
+def test_sampling_with_lookup_drafts_matches_the_exact_target_distribution(monkeypatch, options):
+    """Lookup drafts (and under stepping aside, plain steps' one-token guesses) are one-hot proposals."""
+    target, drafter = sampling_setup()
+    drafter.set_cost_profile(CostProfile([1.0, 1.05, 1.1, 1.15]))
+    for name, value in options.items():
+        setattr(drafter.generation_config, name, value)
+    spy = DraftSpy(drafter, monkeypatch)
+    assert sampled_continuation_p_value(target, drafter, SAMPLES) > SIGNIFICANCE
+    lookup_rounds = [
+        out
+        for input_ids, out, _ in spy.calls
+        if out.sequences.shape[1] > input_ids.shape[1] and bool((out.scores[0] == 0).sum() == 1)
+    ]
+    assert len(lookup_rounds) > SAMPLES // 8, "one-hot drafts should be verified in many samples"
+
+
+def test_host_reads_per_drafting_round_do_not_grow_with_the_block(monkeypatch):
+    """On an accelerator every host read waits for the device: count them per drafting call, as if the
+    drafter ran there, with EOS, a confidence threshold and recorded confidences."""
+    reads = [0]
+    for name in ("item", "__int__", "__bool__", "__float__", "tolist", "cpu"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            reads[0] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+
+    def reads_per_round(block_size: int) -> list[int]:
+        target, successor = tiny_target("llama", successor_scale=SUCCESSOR_SCALE)
+        target.generation_config.eos_token_id = 7
+        drafter = tiny_drafter(target, "vanilla", successor, block_size=block_size)
+        drafter.config.confidence_temperatures = [1.0] * block_size
+        drafter.generation_config.confidence_threshold = 0.01
+        drafter.generation_config.record_confidence = True
+        monkeypatch.setattr(drafter, "_reads_are_free", lambda device: False)
+        generate, counts = drafter.generate, []
+
+        def counted(*args, **kwargs):
+            before = reads[0]
+            out = generate(*args, **kwargs)
+            counts.append(reads[0] - before)
+            return out
+
+        monkeypatch.setattr(drafter, "generate", counted)
+        target.generate(random_prompt(8, seed=4), assistant_model=drafter, do_sample=False, max_new_tokens=40)
+        return counts[1:]
+
+    small, large = reads_per_round(3), reads_per_round(12)
+    assert max(large) <= max(small) <= 12
+
+
+def test_cost_profile_of_another_device_type_is_refused(llama_and_drafter):
+    target, drafter = llama_and_drafter
+    drafter.set_cost_profile(CostProfile([1.0, 1.1], metadata={"device": "cuda:0"}))
+    drafter.generation_config.step_aside = True
+    with pytest.raises(ValueError, match="measured on cuda"):
+        target.generate(random_prompt(4, seed=0), assistant_model=drafter, max_new_tokens=4)

@@ -25,9 +25,12 @@ from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorLi
 from transformers.utils import logging
 
 from ..context_cache import DSparkContextCache
+from ..hardware import synchronize
 from ..scheduling.calibration import apply_temperatures
 from ..scheduling.cost_profile import CostProfile
 from ..scheduling.schedulers import CausalPrefixScheduler
+from .lookup import lookup_continuation, one_hot_logits
+from .round_planner import Plan, RoundPlanner
 from .target_tap import (
     DSparkGenerationStats,
     RoundLog,
@@ -45,13 +48,20 @@ VERIFICATION_OPTIONS = (
     "record_confidence",
     "num_assistant_tokens",
     "num_assistant_tokens_schedule",
+    "lookup_drafting",
+    "lookup_policy",
+    "lookup_max_ngram",
+    "lookup_min_ngram",
+    "lookup_num_tokens",
+    "step_aside",
 )
 
 
 @dataclass
 class _DraftingWeights:
     """The vocabulary projections of the drafting loop, in the layout that is cheapest for one row on CPU:
-    contiguous [in, out] matrices (`x @ W`), restricted to the draft sub-vocabulary when the drafter has one.
+    contiguous [in, out] matrices (`x @ W`) in the drafter's dtype, restricted to the draft sub-vocabulary
+    when the drafter has one.
     `key` identifies the source tensors and their in-place versions, so training invalidates the copy."""
 
     key: tuple
@@ -61,12 +71,24 @@ class _DraftingWeights:
 
 
 @dataclass
+class _LookupOptions:
+    """Where lookup drafts come from: n-gram sizes max_ngram down to min_ngram, up to num_tokens drafts."""
+
+    max_ngram: int
+    min_ngram: int
+    num_tokens: int
+
+
+@dataclass
 class _Request:
     """The target `generate` call the drafter is serving (one call to `generate` per round): the log of its
-    rounds, and the ids its drafts are drawn from (None: the full vocabulary)."""
+    rounds, the ids its drafts are drawn from (None: the full vocabulary), and with lookup drafting or
+    stepping aside the planner that picks each round's source."""
 
     log: RoundLog
     vocab_ids: torch.Tensor | None
+    planner: RoundPlanner | None = None
+    lookup: _LookupOptions | None = None
 
 
 class _DraftContext:
@@ -105,6 +127,19 @@ class DSparkGenerationMixin(GenerationMixin):
     - `record_confidence` (default False): keep the raw confidence logits of every drafted position per round
       in `last_stats.confidence_logits`, the data `dspark_hf.scheduling.calibration.calibrate_sts` fits
       temperatures on.
+    - `lookup_drafting` (default False): also draft from the context, the continuation of the most recent
+      earlier occurrence of the sequence's last n tokens (n from `lookup_max_ngram`, default 3, down to
+      `lookup_min_ngram`, default 1; up to `lookup_num_tokens` drafts, default the block size). Per round
+      `lookup_policy` picks the source: "expected_rate" (default; needs the cost profile) verifies whichever
+      of the lookup continuation and the DSpark block promises more tokens per second, from this
+      generation's running acceptance of each and the target's cost curve; "longest_match" verifies the
+      lookup continuation whenever there is one (and skips the drafter's forward), else the DSpark block.
+      A lookup draft is deterministic, so the logits returned for it are one-hot: sampling stays exact.
+    - `step_aside` (default False; needs the cost profile): when the DSpark block's expected tokens per
+      second (its measured drafting time included) fall below a plain step's, verify no draft and do not run
+      the drafter; probe it again after 8 rounds, then 16, ... (up to 128) while it keeps losing. Under
+      sampling, where assisted generation cannot verify an empty draft, such a round verifies one free guess
+      (the token that followed the previous occurrence of the last token).
 
     Confidences are calibrated by `config.confidence_temperatures` when set (see `dspark calibrate`).
     """
@@ -210,25 +245,63 @@ class DSparkGenerationMixin(GenerationMixin):
         request = self._follow_generation(generation_config, input_ids[0], record)
         block_size = self.config.block_size
         limit = block_size if max_new_tokens is None else min(max_new_tokens, block_size)
-        sequences, scores = input_ids, ()
+        do_sample = bool(generation_config.do_sample)
+        sequences, scores, source = input_ids, (), "dspark"
         if limit > 0:
-            sequences, scores, confidence_logits = self._draft_block(
-                input_ids,
-                limit,
-                request,
-                LogitsProcessorList(logits_processor or []),
-                do_sample=bool(generation_config.do_sample),
-                eos_token_id=generation_config.eos_token_id,
-                min_new_tokens=min_new_tokens or 0,
-                threshold=threshold,
-                scheduler=scheduler,
-                record=record,
+            plan = self._plan_round(request, input_ids[0], limit, do_sample)
+            source = plan.source
+            if plan.tokens is not None:  # a lookup continuation, or under sampling a plain step's free guess
+                tokens = torch.tensor([plan.tokens], dtype=input_ids.dtype, device=input_ids.device)
+                sequences = torch.cat([input_ids, tokens], dim=1)
+                scores = tuple(one_hot_logits(tokens[0], self.config.vocab_size).unsqueeze(1))
+                request.log.record_draft(None, source)
+            elif source == "plain":  # no draft: the target takes a plain step
+                # Assisted generation stacks the scores even of an empty draft; greedy verification never
+                # reads them, so a placeholder row stands in.
+                scores = (torch.zeros(1, self.config.vocab_size, device=input_ids.device),)
+                request.log.record_draft(None, source)
+            else:
+                sequences, scores, confidence_logits = self._draft_block(
+                    input_ids,
+                    limit,
+                    request,
+                    LogitsProcessorList(logits_processor or []),
+                    do_sample=do_sample,
+                    eos_token_id=generation_config.eos_token_id,
+                    min_new_tokens=min_new_tokens or 0,
+                    threshold=threshold,
+                    scheduler=scheduler,
+                    record=record,
+                )
+                request.log.record_draft(confidence_logits)
+        synchronize(self.device)
+        seconds = time.perf_counter() - start_time
+        request.log.draft_time += seconds
+        if request.planner is not None and limit > 0 and request.log.prefilled:
+            request.planner.record(
+                source, input_ids.shape[1], sequences.shape[1] - input_ids.shape[1], seconds, plan.ngram
             )
-            request.log.record_draft(confidence_logits)
-        request.log.draft_time += time.perf_counter() - start_time
         if not generation_config.return_dict_in_generate:
             return sequences
         return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores)
+
+    def _plan_round(self, request: _Request, sequence: torch.Tensor, limit: int, do_sample: bool) -> Plan:
+        """This round's source: the DSpark block unless lookup drafting or stepping aside is on (and the
+        target has prefilled, so the drafter's context can be complete)."""
+        planner, lookup = request.planner, request.lookup
+        if planner is None or not request.log.prefilled:
+            return Plan("dspark")
+        planner.observe(sequence.shape[0])
+        found = None
+        if lookup is not None:
+            found = lookup_continuation(
+                sequence, lookup.max_ngram, lookup.min_ngram, min(lookup.num_tokens, limit)
+            )
+        plan = planner.plan(found, limit)
+        if plan.source == "plain" and do_sample:
+            guess = lookup_continuation(sequence, 1, 1, 1)
+            plan.tokens = guess.tokens.tolist() if guess.tokens.numel() else [int(sequence[-1])]
+        return plan
 
     def _check_draft_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         """Raise unless the drafter is attached and the input is one unpadded sequence."""
@@ -254,8 +327,12 @@ class DSparkGenerationMixin(GenerationMixin):
             return self._request
         if self._request is not None:
             self._request.log.close()
+        planner, lookup = self._round_planning(bool(generation_config.do_sample))
         self._request = _Request(
-            RoundLog(generation_config, record_confidence=record), self.draft_vocab_for(sequence)
+            RoundLog(generation_config, record_confidence=record),
+            self.draft_vocab_for(sequence),
+            planner,
+            lookup,
         )
         self._target_tap.rounds = self._request.log
         return self._request
@@ -319,16 +396,51 @@ class DSparkGenerationMixin(GenerationMixin):
                     "run "
                     "`dspark calibrate --profile_cost` on the drafter folder."
                 )
+            profile.check_device(self._target_tap.target_device)
             scheduler = CausalPrefixScheduler(seconds_per_step=profile)
         return threshold, scheduler, record
+
+    def _round_planning(self, do_sample: bool) -> tuple[RoundPlanner | None, _LookupOptions | None]:
+        """The planner of a new request's rounds and its lookup options, read from `self.generation_config`
+        and validated (None, None: every round drafts a DSpark block)."""
+        options = self.generation_config
+        lookup_drafting = bool(getattr(options, "lookup_drafting", False))
+        step_aside = bool(getattr(options, "step_aside", False))
+        lookup = None
+        if lookup_drafting:
+            lookup = _LookupOptions(
+                max_ngram=int(getattr(options, "lookup_max_ngram", None) or 3),
+                min_ngram=int(getattr(options, "lookup_min_ngram", None) or 1),
+                num_tokens=int(getattr(options, "lookup_num_tokens", None) or self.config.block_size),
+            )
+            if not 1 <= lookup.min_ngram <= lookup.max_ngram or lookup.num_tokens < 1:
+                raise ValueError(
+                    "generation_config needs 1 <= lookup_min_ngram <= lookup_max_ngram and lookup_num_tokens "
+                    f">= 1, got {lookup}."
+                )
+        if not (lookup_drafting or step_aside):
+            return None, None
+        profile = self.cost_profile
+        if profile is not None:
+            profile.check_device(self._target_tap.target_device)
+        planner = RoundPlanner(
+            block_size=self.config.block_size,
+            cost_profile=profile,
+            lookup=lookup_drafting,
+            step_aside=step_aside,
+            lookup_policy=getattr(options, "lookup_policy", None) or "expected_rate",
+            plain_tokens=2 if do_sample else 1,
+        )
+        return planner, lookup
 
     def _sync_context(self, sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """The captured target features of newly committed positions, their positions, and whether the context
         then covers every position before the anchor.
 
-        The last target forward covered [anchor, drafts] (the prompt and a draft at prefill); of those, only
-        the positions before the new anchor whose tokens the target committed are valid. The anchor's own
-        features enter next round.
+        The tap keeps the target forwards' features from the first position the context lacks on: the last
+        forward covered [anchor, drafts] (the prompt and a draft at prefill), plain steps before it one
+        position each; only the positions before the new anchor whose tokens the target committed are
+        valid. The anchor's own features enter next round.
         """
         tap, context = self._target_tap, self._draft_context
         if context is None:
@@ -343,16 +455,18 @@ class DSparkGenerationMixin(GenerationMixin):
         context.ids = sequence
 
         anchor = sequence.shape[0] - 1
-        start, end = tap.start, min(tap.start + tap.length, anchor)
+        start, ids, captured = tap.span()
+        end = min(start + ids.shape[0], anchor)
         if end > start:
-            wrong = (tap.input_ids[0, : end - start].to(sequence.device) != sequence[start:end]).nonzero()
+            wrong = (ids[: end - start].to(sequence.device) != sequence[start:end]).nonzero()
             end = start + int(wrong[0]) if wrong.numel() else end
         new_start = context.end
         if start <= new_start < end:
-            features = torch.cat([f[:, new_start - start : end - start] for f in tap.features], dim=-1)
+            features = captured[:, new_start - start : end - start]
             context.end = end
         else:
             features = torch.zeros(1, 0, self.config.num_features * self.config.hidden_size)
+        tap.release(context.end)
         positions = torch.arange(new_start, context.end, device=self.device)
         return features.to(self.device, self.dtype), positions, context.end == anchor
 
@@ -376,7 +490,7 @@ class DSparkGenerationMixin(GenerationMixin):
 
             def layout(weight: torch.Tensor) -> torch.Tensor:
                 rows = weight if vocab_ids is None else weight[vocab_ids]
-                return rows.detach().t().contiguous().float()
+                return rows.detach().t().contiguous()
 
             cached = _DraftingWeights(
                 key, layout(self.lm_head.weight), None if markov_w2 is None else layout(markov_w2), vocab_ids
@@ -406,7 +520,12 @@ class DSparkGenerationMixin(GenerationMixin):
             torch.cat([positions, block_positions]).unsqueeze(0),
             context_cache=self._draft_context.cache,
         )[0]
-        return hidden, hidden.float() @ weights.lm_head
+        return hidden, (hidden @ weights.lm_head).float()
+
+    @staticmethod
+    def _reads_are_free(device: torch.device) -> bool:
+        """Whether reading a tensor's value on the host costs no synchronisation (CPU tensors)."""
+        return device.type == "cpu"
 
     def _pick_block_tokens(
         self,
@@ -432,29 +551,30 @@ class DSparkGenerationMixin(GenerationMixin):
         positions <= k, which depend on tokens < k only. A scheduler refusal at position 0 keeps that one
         draft (an empty draft cannot be verified). `confidence_log` receives the raw confidence logit of every
         drafted position.
+
+        On CPU the end is decided after each token. On an accelerator, where reading a value waits for the
+        device, the whole block is drafted on the device and the end is decided from one read afterwards:
+        the same drafts and the same end, one host synchronisation per round instead of a few per token.
         """
         length = sequences.shape[1] - num_tokens
+        device = sequences.device
         eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
-        temperatures = self.config.confidence_temperatures
+        eos = torch.tensor(eos_ids, dtype=torch.long, device=device) if eos_ids else None
         head = self.markov_head
         prev = sequences[0, length - 1 : length]
         state = None if head is None else head.init_state(hidden[:1])
         use_confidence = threshold > 0 or scheduler is not None or confidence_log is not None
-        scores = []
+        block_end = _BlockEnd(
+            self.config.confidence_temperatures, threshold, scheduler, confidence_log, use_confidence
+        )
+        reads_are_free = self._reads_are_free(device)
+        scores, confidence_logits, eos_hits = [], [], []
         for k in range(num_tokens):
             hidden_k = hidden[k : k + 1]
-            last = False
             if use_confidence:
-                confidence_logit = self.confidence(hidden_k, prev)
-                confidence = apply_temperatures(confidence_logit, temperatures, start=k).sigmoid().item()
-                verify = (k == 0 or confidence >= threshold) and (
-                    scheduler is None or scheduler.admit_confidence(confidence)
-                )
-                if not verify and k > 0:
+                confidence_logits.append(self.confidence(hidden_k, prev).reshape(1))
+                if reads_are_free and block_end.stops_before(k, confidence_logits[-1]):
                     break
-                last = not verify
-                if confidence_log is not None:
-                    confidence_log.append(confidence_logit.item())
             row = logits[k : k + 1]
             if head is not None:
                 bias, state = head.step(prev, hidden_k, state, weights.markov_w2)
@@ -462,17 +582,85 @@ class DSparkGenerationMixin(GenerationMixin):
             if weights.vocab_ids is not None:
                 full_row = row.new_full((1, self.config.vocab_size), -math.inf)
                 row = full_row.index_copy_(1, weights.vocab_ids, row)
-            if k < min_new_tokens and eos_ids:
-                row[:, eos_ids] = -math.inf
+            if k < min_new_tokens and eos is not None:
+                row = row.index_fill(1, eos, -math.inf)
             if logits_processor:
                 row = logits_processor(sequences[:, : length + k], row)
             token = torch.multinomial(row.softmax(dim=-1), 1)[0] if do_sample else row.argmax(dim=-1)
             sequences[0, length + k] = token[0]
             scores.append(row)
             prev = sequences[0, length + k : length + k + 1]
-            if last or (eos_ids and int(token) in eos_ids):
+            if eos is not None:
+                eos_hits.append(torch.isin(prev, eos))
+            if reads_are_free and block_end.stops_after(k, eos_hits[-1] if eos is not None else None):
                 break
+        if not reads_are_free:
+            return tuple(scores[: block_end.replay(len(scores), confidence_logits, eos_hits)])
         return tuple(scores)
+
+
+class _BlockEnd:
+    """Where a drafted block ends: before the first position k >= 1 whose calibrated confidence the
+    threshold or the scheduler refuses (after position 0 if they refuse it), or after the first EOS. Fed one
+    position at a time (`stops_before`, `stops_after`), or all at once from a single host read (`replay`)."""
+
+    def __init__(
+        self,
+        temperatures: list[float] | None,
+        threshold: float,
+        scheduler: CausalPrefixScheduler | None,
+        confidence_log: list[float] | None,
+        use_confidence: bool,
+    ):
+        self.temperatures = temperatures
+        self.threshold = threshold
+        self.scheduler = scheduler
+        self.confidence_log = confidence_log
+        self.use_confidence = use_confidence
+        self._last = False
+
+    def stops_before(self, k: int, confidence_logit: torch.Tensor | float) -> bool:
+        """Position k's confidence decides: False to draft position k (the last one if refused at k = 0)."""
+        raw = float(confidence_logit)
+        calibrated = apply_temperatures(torch.tensor([[raw]]), self.temperatures, start=k).sigmoid().item()
+        return self._decide(k, raw, calibrated)
+
+    def _decide(self, k: int, raw: float, calibrated: float) -> bool:
+        verify = (k == 0 or calibrated >= self.threshold) and (
+            self.scheduler is None or self.scheduler.admit_confidence(calibrated)
+        )
+        if not verify and k > 0:
+            return True
+        self._last = not verify
+        if self.confidence_log is not None:
+            self.confidence_log.append(raw)
+        return False
+
+    def stops_after(self, k: int, eos_hit: torch.Tensor | bool | None) -> bool:
+        """Whether the block ends after drafting position k."""
+        return self._last or (eos_hit is not None and bool(eos_hit))
+
+    def replay(
+        self, num_tokens: int, confidence_logits: list[torch.Tensor], eos_hits: list[torch.Tensor]
+    ) -> int:
+        """The length of a block of `num_tokens` drafts, from the confidence logits and EOS flags of every
+        position, read in one host synchronisation."""
+        rows = []
+        if self.use_confidence:
+            raw = torch.cat(confidence_logits)
+            rows += [raw, apply_temperatures(raw[None], self.temperatures)[0].sigmoid()]
+        if eos_hits:
+            rows.append(torch.cat(eos_hits).to(torch.float32))
+        if not rows:
+            return num_tokens
+        values = torch.stack([row.float() for row in rows]).tolist()
+        eos = values[-1] if eos_hits else [0.0] * num_tokens
+        for k in range(num_tokens):
+            if self.use_confidence and self._decide(k, values[0][k], values[1][k]):
+                return k
+            if self.stops_after(k, eos[k] > 0):
+                return k + 1
+        return num_tokens
 
 
 __all__ = ["DSparkGenerationMixin", "VERIFICATION_OPTIONS"]

@@ -13,7 +13,7 @@ import inspect
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import Any
 
@@ -23,6 +23,7 @@ from packaging.version import Version
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 
+from ..hardware import synchronize
 from ..scheduling.calibration import CalibrationRound
 
 # The versions whose `AssistedCandidateGenerator` / `_assisted_decoding` this module was verified against: the
@@ -197,6 +198,28 @@ def expected_tau(acceptance: Sequence[float]) -> float:
 
 
 @dataclass
+class SourceStats:
+    """The rounds of one draft source: how many, the drafts they offered and accepted; tau (tokens per round,
+    the target's own token included) and acceptance (accepted / offered drafts)."""
+
+    source: str
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def tau(self) -> float:
+        return (self.accepted + self.rounds) / self.rounds if self.rounds else math.nan
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tau": self.tau, "acceptance": self.acceptance}
+
+
+@dataclass
 class DSparkGenerationStats:
     """Drafting statistics of the latest `target.generate(..., assistant_model=drafter)` call.
 
@@ -213,6 +236,8 @@ class DSparkGenerationStats:
     other_time_s: the rest, from the first drafting call to the end of the last target forward.
     confidence_logits: per round, the raw confidence logits (before `confidence_temperatures`) of the drafted
         positions, when `drafter.generation_config.record_confidence` was on; None otherwise.
+    sources: per round, what it verified: "dspark" (a DSpark block), "lookup" (a lookup continuation) or
+        "plain" (no draft, or under sampling one free guess, without running the drafter).
     """
 
     rounds: int
@@ -223,6 +248,17 @@ class DSparkGenerationStats:
     draft_time_s: float
     other_time_s: float
     confidence_logits: list[list[float]] | None = None
+    sources: list[str] = field(default_factory=list)
+
+    def by_source(self) -> dict[str, SourceStats]:
+        """Rounds, tau and acceptance per draft source (only the sources that verified a round)."""
+        per_source: dict[str, SourceStats] = {}
+        for source, drafted, accepted in zip(self.sources, self.drafted, self.accepted):
+            entry = per_source.setdefault(source, SourceStats(source))
+            entry.rounds += 1
+            entry.drafted += drafted
+            entry.accepted += accepted
+        return per_source
 
     def calibration_rounds(self) -> list[CalibrationRound]:
         """The recorded rounds as calibration data for `dspark_hf.scheduling.calibration.calibrate_sts`,
@@ -258,25 +294,31 @@ class RoundLog:
         self.committed: list[int] = []
         self.drafted: list[int] = []
         self.confidence_logits: list[list[float]] | None = [] if record_confidence else None
+        self.sources: list[str] = []
         self._pending_confidence: list[float] = []
+        self._pending_source = "plain"
         self.draft_time = 0.0
         self.start_time = self.end_time = time.perf_counter()
 
     def on_forward(self, cache: Any, past_length: int, num_inputs: int) -> None:
         if not self.prefilled:  # the prefill forward of this generation
             self.prefilled, self.cache = True, cache
-            self._pending_confidence = []
         elif cache is not None and cache is self.cache:
             self.committed.append(past_length + 1)
             self.drafted.append(num_inputs - 1)
+            self.sources.append(self._pending_source)
             if self.confidence_logits is not None:
                 self.confidence_logits.append(self._pending_confidence)
-            self._pending_confidence = []
+        else:
+            return
+        self._pending_confidence = []
+        self._pending_source = "plain"  # a round the drafter was not asked about verifies no draft
 
-    def record_draft(self, confidence_logits: list[float] | None) -> None:
-        """Note the raw confidence logits of the draft the next verification forward checks (None: not
-        recorded)."""
+    def record_draft(self, confidence_logits: list[float] | None, source: str = "dspark") -> None:
+        """Note the source and the raw confidence logits (None: not recorded) of the draft the next
+        verification forward checks."""
         self._pending_confidence = list(confidence_logits or [])
+        self._pending_source = source
 
     def on_forward_end(self, cache: Any) -> None:
         if cache is not None and cache is self.cache:
@@ -302,24 +344,33 @@ class RoundLog:
             confidence_logits=None
             if self.confidence_logits is None
             else [list(r) for r in self.confidence_logits],
+            sources=list(self.sources),
         )
 
 
 class TargetTap(LayerFeatures):
-    """`LayerFeatures` for assisted generation: also notes which sequence positions the features cover and
-    feeds every target forward to the current `rounds` log.
+    """`LayerFeatures` for assisted generation: keeps the features of the committed positions that the drafter
+    has not read yet, across target forwards, and feeds every target forward to the current `rounds` log.
 
-    Only single-sequence forwards over token ids can be rounds of assisted generation (and be checked against
-    the committed tokens); features of other forwards are not kept.
+    A forward that starts at cache length s shows that every position before s is committed, so captured
+    positions from s on (rejected drafts, or another sequence) are dropped and the new capture is appended.
+    The drafter reads the span (`span`) and releases what its context cache holds (`release`); while it
+    steps aside, plain steps keep adding one position each, so it catches up when it drafts again. Only
+    single-sequence forwards over token ids can be rounds of assisted generation (and be checked against the
+    committed tokens); other forwards drop what was kept.
     """
 
     def __init__(
         self, target: PreTrainedModel, layer_ids: Sequence[int], device: torch.device | str | None = None
     ):
         super().__init__(target, layer_ids, device)
-        self.input_ids: torch.Tensor | None = None
-        self.start = 0  # sequence index of the first captured position
+        self.target_device = next(target.parameters()).device
+        self.segments: list[
+            tuple[int, torch.Tensor, torch.Tensor]
+        ] = []  # (start, ids [n], features [1, n, F])
         self.rounds: RoundLog | None = None
+        self._forward_start: int | None = None
+        self._forward_ids: torch.Tensor | None = None
         self.handles += [
             target.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             target.register_forward_hook(self._after_forward, with_kwargs=True),
@@ -327,22 +378,65 @@ class TargetTap(LayerFeatures):
 
     def clear(self) -> None:
         super().clear()
-        self.input_ids = None
+        self.segments = []
+
+    @property
+    def start(self) -> int:
+        """Sequence index of the first kept position."""
+        return self.segments[0][0] if self.segments else 0
+
+    def span(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """The kept positions: their first sequence index, their token ids [n] and features [1, n, F]."""
+        if not self.segments:
+            return 0, torch.empty(0, dtype=torch.long), torch.empty(1, 0, 0)
+        if len(self.segments) > 1:  # merge, so the next read does not concatenate again
+            start = self.segments[0][0]
+            ids = torch.cat([segment[1] for segment in self.segments])
+            features = torch.cat([segment[2] for segment in self.segments], dim=1)
+            self.segments = [(start, ids, features)]
+        return self.segments[0]
+
+    def release(self, end: int) -> None:
+        """Forget the kept positions before sequence index `end` (the drafter's context holds them)."""
+        kept = []
+        for start, ids, features in self.segments:
+            if start + ids.shape[0] > end:
+                skip = max(end - start, 0)
+                kept.append((start + skip, ids[skip:], features[:, skip:]))
+        self.segments = kept
+
+    def _keep_before(self, position: int) -> None:
+        """Drop kept positions from `position` on; drop everything if they would leave a gap before it."""
+        kept = []
+        for start, ids, features in self.segments:
+            if start < position:
+                end = min(start + ids.shape[0], position)
+                kept.append((start, ids[: end - start], features[:, : end - start]))
+        if kept and kept[-1][0] + kept[-1][1].shape[0] < position:
+            kept = []
+        self.segments = kept
 
     def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = sequence_cache(kwargs)
-        self.clear()
+        super().clear()
         self.capturing = input_ids is not None and input_ids.shape[0] == 1
+        self._forward_start = None
         if not self.capturing:
+            self.segments = []
             return
-        self.input_ids = input_ids
-        self.start = cache.get_seq_length() if cache is not None else 0
+        start = cache.get_seq_length() if cache is not None else 0
+        self._keep_before(start)
+        self._forward_start, self._forward_ids = start, input_ids[0]
         if self.rounds is not None:
-            self.rounds.on_forward(cache, self.start, input_ids.shape[1])
+            self.rounds.on_forward(cache, start, input_ids.shape[1])
 
     def _after_forward(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        if self._forward_start is not None and self.features[0] is not None:
+            self.segments.append((self._forward_start, self._forward_ids, self.concatenated()))
+            super().clear()
         if self.rounds is not None:
+            synchronize(self.target_device)  # the round's end time covers its kernels
             self.rounds.on_forward_end(sequence_cache(kwargs))
 
 
@@ -358,6 +452,7 @@ __all__ = [
     "TargetTap",
     "RoundLog",
     "DSparkGenerationStats",
+    "SourceStats",
     "accepted_per_round",
     "round_tau",
     "round_conditional_acceptance",

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..generation.target_tap import cache_keyword
+from ..hardware import synchronize
 
 
 @dataclass
@@ -44,6 +45,22 @@ class CostProfile:
     @property
     def max_tokens(self) -> int:
         return len(self.seconds_per_step)
+
+    @property
+    def device_type(self) -> str | None:
+        """The device type the target ran on while profiled ("cpu", "cuda", ...; None if not recorded)."""
+        device = self.metadata.get("device")
+        return None if device is None else torch.device(device).type
+
+    def check_device(self, device: torch.device | str) -> None:
+        """Raise a ValueError when the profile was measured on another device type than `device`: a CPU cost
+        curve says nothing about a GPU's."""
+        device_type = torch.device(device).type
+        if self.device_type is not None and self.device_type != device_type:
+            raise ValueError(
+                f"The target's cost profile was measured on {self.device_type}, but the target runs on "
+                f"{device_type}: profile it there (`profile_cost(target)` with the target on {device_type})."
+            )
 
     def seconds(self, num_tokens: int) -> float:
         """Seconds per target step at `num_tokens` verified tokens."""
@@ -71,13 +88,6 @@ class CostProfile:
     @classmethod
     def load(cls, path: str | os.PathLike) -> CostProfile:
         return cls.from_json(Path(path).read_text())
-
-
-def _synchronize(device: torch.device) -> None:
-    """Wait for queued kernels so wall-clock timings cover the whole forward (no-op on CPU)."""
-    backend = getattr(torch, device.type, None)
-    if device.type != "cpu" and hasattr(backend, "synchronize"):
-        backend.synchronize()
 
 
 @torch.inference_mode()
@@ -151,10 +161,10 @@ def _time_forwards(
     ) as bar:
         for repeat in range(warmup + repeats):
             for num_tokens in range(1, max_tokens + 1):
-                _synchronize(device)
+                synchronize(device)
                 start = time.perf_counter()
                 target(new_tokens[:, :num_tokens], use_cache=True, **{cache_kwarg: cache})
-                _synchronize(device)
+                synchronize(device)
                 elapsed = time.perf_counter() - start
                 # A negative argument removes that many tokens in every transformers version we support.
                 cache.crop(-num_tokens)

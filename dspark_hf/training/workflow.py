@@ -7,6 +7,7 @@ run the same code; the command line only parses flags into the dataclasses (with
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import InputError, check_model_source
 from ..formats.registry import NATIVE_LAYOUT, detect_layout
+from ..generation.small_batch_linear import SmallBatchLinears
 from ..hardware import cpu_has_native_bf16
 from ..heads import MARKOV_HEADS
 from ..modeling_dspark import DSparkForCausalLM
@@ -319,11 +321,14 @@ def calibrate_drafter(
     do_sample: bool = False,
     profile_target_cost: bool = False,
     profile_context_length: int = 256,
+    profile_small_batch_linears: bool = False,
     output_dir: str | None = None,
     seed: int = 0,
 ) -> CalibrationReport:
     """Fit the confidence temperatures of the drafter at `drafter_path` on held-out prompts (full blocks
-    verified), optionally profile the target's cost, and save the config (in place unless `output_dir`).
+    verified), optionally profile the target's cost (with `SmallBatchLinears` active when
+    `profile_small_batch_linears`, for generation that runs under it), and save the config (in place unless
+    `output_dir`).
     Raises a ValueError on unusable arguments or too few rounds."""
     output, in_place = _calibration_output(drafter_path, output_dir)
     prompts = calibration_prompts(prompts_per_set)
@@ -346,9 +351,12 @@ def calibrate_drafter(
     table = format_calibration_table(rounds, temperatures)
     report = CalibrationReport(table, len(rounds), output / "config.json")
     if profile_target_cost:
-        profile = profile_cost(
-            target_model, max_tokens=drafter.config.block_size + 1, context_length=profile_context_length
-        )
+        runtime = SmallBatchLinears(target_model) if profile_small_batch_linears else nullcontext()
+        with runtime:
+            profile = profile_cost(
+                target_model, max_tokens=drafter.config.block_size + 1, context_length=profile_context_length
+            )
+        profile.metadata["small_batch_linears"] = profile_small_batch_linears
         drafter.set_cost_profile(profile)
         report.seconds_per_step = list(profile.seconds_per_step)
     if in_place:  # the weights did not change; rewriting them would replace the files they are mapped from
