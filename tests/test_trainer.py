@@ -751,8 +751,6 @@ def test_a_bf16_step_builds_no_float32_tensor_of_all_block_positions(tmp_path, m
     assert supervised < draft_rows  # overlapping blocks share target positions
     float32_rows = [tracker_module.rows(t) for t in tracker.created if t.dtype == torch.float32]
     assert float32_rows and max(float32_rows) <= supervised, float32_rows
-    # At the peak (the loss's backward) the logits and their gradient are the only ones of that size.
-    assert sum(tracker_module.rows(t) == draft_rows for t in tracker.at_peak) <= 2
 
 
 def test_bf16_training_holds_the_frozen_copies_in_bf16_and_saves_exactly(tmp_path):
