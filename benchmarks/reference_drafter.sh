@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # The SmolLM2-135M-Instruct reference drafters, their scaling curve and the benchmark behind the README.
 #
-# DSpark (vanilla Markov head, the quickstart's recipe) and the DFlash ablation (DeepSpec's DFlash recipe:
-# no Markov or confidence head, CE 1.0 / L1 0.0) train on the same data with the same wall-clock budget,
-# side by side, one CPU thread each. Every budget trains a fresh drafter whose learning rate anneals to that
-# budget's end, then evaluates it on held-out prompts (5 per dataset x 64 new tokens, greedy).
+# DSpark (vanilla Markov head, the quickstart's recipe: warm start from the target, Muon for the draft
+# layers' matrices) and the DFlash ablation (DeepSpec's DFlash recipe: no Markov or confidence head, CE 1.0 /
+# L1 0.0, with the same warm start and optimizer) train on the same data with the same wall-clock budget,
+# side by side, one CPU thread each, each with its own target-feature cache (epochs after the first skip the
+# target). Every budget trains a fresh drafter whose learning rate anneals to that budget's end, then
+# evaluates it on held-out prompts (5 per dataset x 64 new tokens, greedy).
 #
-#   bash benchmarks/reference_drafter.sh                         # budgets 2.5 5 10 20: ~70 min, then
+#   bash benchmarks/reference_drafter.sh                         # budgets 5 10 20 40: ~85 min, then
 #                                                              # calibration (~3 min) and the benchmark of
-#                                                              # the 20-minute drafters (50-75 min)
-#   bash benchmarks/reference_drafter.sh --max_train_minutes 20  # one point of the curve (~30 min)
+#                                                              # the 40-minute drafters (60-90 min)
+#   bash benchmarks/reference_drafter.sh --max_train_minutes 40  # one point of the curve (~50 min)
 #
 # A finished budget (its results.json exists) is not retrained, so an interrupted run resumes.
 set -euo pipefail
 
-budgets=(2.5 5 10 20)
+budgets=(5 10 20 40)
 benchmark=1
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -31,7 +33,7 @@ for minutes in "${budgets[@]}"; do
         [[ -f "$dir/results.json" ]] && continue
         echo "training $recipe for $minutes min -> $dir (log: $dir.log)"
         dspark quickstart --output_dir "$dir" --recipe "$recipe" --max_train_minutes "$minutes" --threads 1 \
-            --eval_prompts_per_set 5 --max_new_tokens 64 > "$dir.log" 2>&1 &
+            --target_cache_dir "$dir-target-cache" --eval_prompts_per_set 5 --max_new_tokens 64 > "$dir.log" 2>&1 &
     done
     wait
 done
