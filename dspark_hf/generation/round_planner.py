@@ -83,7 +83,7 @@ class RoundPlanner:
     cost_profile: CostProfile | None
     lookup: bool = False
     step_aside: bool = False
-    lookup_policy: LookupPolicy = "expected_rate"
+    lookup_policy: LookupPolicy = "longest_match"
     plain_tokens: int = 1
     dspark: Acceptance = field(default_factory=Acceptance)
     lookups: dict[int, Acceptance] = field(default_factory=dict)
