@@ -1,6 +1,7 @@
 """Drafts from the context and stepping aside, side by side on the reference target: plain decoding, DSpark,
-transformers' prompt lookup, and DSpark with lookup drafting and stepping aside (both lookup policies), for
-a trained and an untrained drafter, plus stepping aside alone with the untrained drafter (tau ~1).
+transformers' prompt lookup, and DSpark with lookup drafting and stepping aside (both lookup policies), with
+the trained drafter (an untrained one without --drafter), plus stepping aside alone with an untrained
+drafter (tau ~1).
 Interleaved per prompt, so load drift on a shared CPU hits every method alike; speeds are against plain
 decoding of the same prompts.
 
@@ -45,12 +46,15 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     target, tokenizer = load_reference_target()
-    drafters = {"untrained": DSparkForCausalLM.from_target(target, tokenizer=tokenizer).eval()}
+    untrained = DSparkForCausalLM.from_target(target, tokenizer=tokenizer).eval()
+    # DSpark and the combined method with the trained drafter (the untrained one without --drafter);
+    # stepping aside alone with the untrained drafter.
+    drafters = {"untrained": untrained}
     if args.drafter:
-        drafters["trained"] = DSparkForCausalLM.from_pretrained(args.drafter, dtype=torch.float32).eval()
-    block = max(d.config.block_size for d in drafters.values())
+        drafters = {"trained": DSparkForCausalLM.from_pretrained(args.drafter, dtype=torch.float32).eval()}
+    block = max(d.config.block_size for d in [untrained, *drafters.values()])
     profile = profile_cost(target, max_tokens=block + 1, context_length=256, repeats=5, show_progress=False)
-    for drafter in drafters.values():
+    for drafter in [untrained, *drafters.values()]:
         drafter.set_cost_profile(profile)
 
     def assisted(name: str, drafter: DSparkForCausalLM, options: dict, do_sample: bool):
@@ -109,7 +113,7 @@ def main() -> None:
                 do_sample,
             )
         methods["step_aside_untrained"] = assisted(
-            "step_aside_untrained", drafters["untrained"], {"step_aside": True}, do_sample
+            "step_aside_untrained", untrained, {"step_aside": True}, do_sample
         )
         for dataset in DATASETS:
             prompts = [encode_chat_prompt(tokenizer, p) for p in load_prompts(dataset, limit=args.limit)]

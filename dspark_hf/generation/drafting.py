@@ -138,7 +138,7 @@ class DSparkGenerationMixin(GenerationMixin):
       A lookup draft is deterministic, so the logits returned for it are one-hot: sampling stays exact.
     - `step_aside` (default False; needs the cost profile): when the DSpark block's expected tokens per
       second (its measured drafting time included) fall below a plain step's, verify no draft and do not run
-      the drafter; probe it again after 8 rounds, then 16, ... (up to 128) while it keeps losing. Under
+      the drafter; probe it again after 16 rounds, then 32, ... (up to 128) while it keeps losing. Under
       sampling, where assisted generation cannot verify an empty draft, such a round verifies one free guess
       (the token that followed the previous occurrence of the last token).
 
