@@ -57,6 +57,7 @@ from dspark_hf.scheduling.calibration import (
     calibration_report,
     expected_calibration_error,
 )
+from dspark_hf.scheduling.cost_profile import profile_cost
 from dspark_hf.training.data import load_prompts
 from dspark_hf.training.draft_vocab import vocab_coverage
 
@@ -69,9 +70,14 @@ METHODS = (
     "dspark_scheduled",
     "dflash",
     "prompt_lookup",
+    "dspark_combined",
 )
-# Variants of the DSpark drafter that change only how much of each block is verified.
-DSPARK_VARIANTS = {"dspark_threshold": "confidence_threshold", "dspark_scheduled": "confidence_scheduling"}
+# Variants of the DSpark drafter that change how much of each block is verified, or what a round verifies.
+DSPARK_VARIANTS = {
+    "dspark_threshold": "confidence_threshold",
+    "dspark_scheduled": "confidence_scheduling",
+    "dspark_combined": "lookup_drafting and step_aside",
+}
 PLAIN_METHODS = ("plain_fp32", "plain_bf16")
 DRAFTER_METHODS = ("dspark", "dflash")
 NATIVE_DFLASH = "dflash_native"
@@ -298,6 +304,14 @@ class Benchmark:
                 "the drafter has no cost profile (run dspark calibrate --profile_cost)."
             )
             self.methods.remove("dspark_scheduled")
+        self.profiled_cost = False
+        if "dspark_combined" in self.methods and self.drafters["dspark"].cost_profile is None:
+            # Lookup drafting and stepping aside weigh drafts against the target's cost: measure it here.
+            drafter = self.drafters["dspark"]
+            drafter.set_cost_profile(
+                profile_cost(self.target, max_tokens=drafter.config.block_size + 1, show_progress=False)
+            )
+            self.profiled_cost = True
         if "dflash" in self.methods:
             if args.dflash_drafter is None and not args.smoke:
                 self.skipped["dflash"] = "no --dflash-drafter given."
@@ -369,6 +383,9 @@ class Benchmark:
                 "dspark_threshold", {"confidence_threshold": args.confidence_threshold}
             ),
             "dspark_scheduled": lambda: assisted("dspark_scheduled", {"confidence_scheduling": True}),
+            "dspark_combined": lambda: assisted(
+                "dspark_combined", {"lookup_drafting": True, "step_aside": True}
+            ),
             "dflash": lambda: assisted("dflash"),
             "prompt_lookup": lambda: prompt_lookup,
         }
@@ -536,6 +553,7 @@ class Benchmark:
             "prompt_lookup_num_tokens": args.prompt_lookup_tokens,
             "seed": args.seed,
             "small_batch_linears": args.small_batch_linears,
+            "cost_profile_measured_by_the_benchmark": self.profiled_cost,
             "methods": self.methods,
             "drafters": drafters,
         }

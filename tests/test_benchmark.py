@@ -170,8 +170,9 @@ def test_smoke_run_on_the_reference_target(tmp_path):
             assert 0 < results["methods"][method][key]["draft_time_share"] < 1
             confidence = results["confidence"][method][key]
             assert confidence["rounds"] > 0 and confidence["conditional"]["positions"] >= confidence["rounds"]
-    for method in ("dspark", "dspark_threshold", "dflash", "prompt_lookup"):
+    for method in ("dspark", "dspark_threshold", "dflash", "prompt_lookup", "dspark_combined"):
         assert results["greedy_identity"][method]["gsm8k"] == {"identical": True, "mismatches": []}
+    assert results["config"]["cost_profile_measured_by_the_benchmark"]  # for dspark_combined
     assert "speculation_type='dflash'" in results["skipped"]["dflash_native"]
     assert set(results["config"]["drafters"]) == {"dspark", "dflash"}
     assert results["config"]["drafters"]["dflash"]["markov_rank"] == 0

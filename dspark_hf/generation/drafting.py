@@ -130,14 +130,15 @@ class DSparkGenerationMixin(GenerationMixin):
     - `lookup_drafting` (default False): also draft from the context, the continuation of the most recent
       earlier occurrence of the sequence's last n tokens (n from `lookup_max_ngram`, default 3, down to
       `lookup_min_ngram`, default 1; up to `lookup_num_tokens` drafts, default the block size). Per round
-      `lookup_policy` picks the source: "expected_rate" (default; needs the cost profile) verifies whichever
-      of the lookup continuation and the DSpark block promises more tokens per second, from this
-      generation's running acceptance of each and the target's cost curve; "longest_match" verifies the
-      lookup continuation whenever there is one (and skips the drafter's forward), else the DSpark block.
+      `lookup_policy` picks the source: "longest_match" (default) verifies the lookup continuation whenever
+      there is one (and skips the drafter's forward), else the DSpark block; "expected_rate" (needs the cost
+      profile) verifies whichever of the two promises more tokens per second, from this generation's
+      running acceptance of each and the target's cost curve. "longest_match" reached the higher tau on the
+      reference target (README, "Drafts from the context").
       A lookup draft is deterministic, so the logits returned for it are one-hot: sampling stays exact.
     - `step_aside` (default False; needs the cost profile): when the DSpark block's expected tokens per
       second (its measured drafting time included) fall below a plain step's, verify no draft and do not run
-      the drafter; probe it again after 8 rounds, then 16, ... (up to 128) while it keeps losing. Under
+      the drafter; probe it again after 16 rounds, then 32, ... (up to 128) while it keeps losing. Under
       sampling, where assisted generation cannot verify an empty draft, such a round verifies one free guess
       (the token that followed the previous occurrence of the last token).
 
@@ -428,7 +429,7 @@ class DSparkGenerationMixin(GenerationMixin):
             cost_profile=profile,
             lookup=lookup_drafting,
             step_aside=step_aside,
-            lookup_policy=getattr(options, "lookup_policy", None) or "expected_rate",
+            lookup_policy=getattr(options, "lookup_policy", None) or "longest_match",
             plain_tokens=2 if do_sample else 1,
         )
         return planner, lookup

@@ -25,7 +25,7 @@ LOOKUP_POLICIES: tuple[str, ...] = get_args(LookupPolicy)
 MEMORY = 0.8
 # Rounds of stepping aside before the drafter is probed again; doubled after each probe it loses, up to the
 # maximum, and reset when it wins on merit.
-FIRST_PROBE_INTERVAL = 8
+FIRST_PROBE_INTERVAL = 16
 MAX_PROBE_INTERVAL = 128
 
 
@@ -83,7 +83,7 @@ class RoundPlanner:
     cost_profile: CostProfile | None
     lookup: bool = False
     step_aside: bool = False
-    lookup_policy: LookupPolicy = "expected_rate"
+    lookup_policy: LookupPolicy = "longest_match"
     plain_tokens: int = 1
     dspark: Acceptance = field(default_factory=Acceptance)
     lookups: dict[int, Acceptance] = field(default_factory=dict)

@@ -22,6 +22,7 @@ from ..generation.target_tap import (
     round_tau,
     sequence_cache,
 )
+from ..hardware import synchronize
 
 
 @dataclass
@@ -39,6 +40,7 @@ class PromptRun:
     draft_seconds: float = 0.0
     target_forwards: int = 0
     target_seconds: float = 0.0
+    sources: dict[str, dict] = field(default_factory=dict)  # per draft source: rounds, tau, acceptance
 
     @property
     def tokens_per_s(self) -> float:
@@ -88,6 +90,7 @@ class ForwardLog:
         self.seconds = 0.0
         self._started = 0.0
         self._handles: list = []
+        self._device = next(model.parameters()).device
 
     def __enter__(self) -> ForwardLog:
         self._handles = [
@@ -106,9 +109,11 @@ class ForwardLog:
         length = input_ids.shape[-1] if input_ids is not None else kwargs["inputs_embeds"].shape[-2]
         cache = sequence_cache(kwargs)
         self.calls.append((cache.get_seq_length() if cache is not None else 0, length))
+        synchronize(self._device)
         self._started = time.perf_counter()
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        synchronize(self._device)
         self.seconds += time.perf_counter() - self._started
 
     def rounds(self, final_length: int) -> tuple[list[int], list[int]]:
@@ -141,8 +146,10 @@ def timed_generate(
         kwargs["assistant_model"] = assistant_model
     attention_mask = torch.ones_like(input_ids)
     with ForwardLog(target) as forwards, torch.inference_mode():
+        synchronize(target.device)
         start = time.perf_counter()
         output = target.generate(input_ids, attention_mask=attention_mask, **kwargs)
+        synchronize(target.device)
         seconds = time.perf_counter() - start
     new = output[0, input_ids.shape[1] :].tolist()
     run = PromptRun(
@@ -158,6 +165,7 @@ def timed_generate(
     if stats is not None:
         run.rounds, run.accepted, run.drafted = stats.rounds, list(stats.accepted), list(stats.drafted)
         run.draft_seconds = stats.draft_time_s
+        run.sources = {source: entry.to_dict() for source, entry in stats.by_source().items()}
     else:
         run.drafted, run.accepted = forwards.rounds(output.shape[1])
         run.rounds = len(run.accepted)
