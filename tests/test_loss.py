@@ -258,3 +258,32 @@ def test_draft_vocabulary_loss_equals_the_full_loss_of_a_drafter_with_no_mass_ou
         target_outside_mass=1 - probs.sum(-1),
     )
     torch.testing.assert_close(again.loss, restricted.loss)
+
+    # And from one row per distinct position: positions that share a target read the same row.
+    flat_probs = probs.reshape(-1, probs.shape[-1])
+    rows = torch.arange(flat_probs.shape[0]).view(probs.shape[:-1])
+    rows[1] = rows[0]  # position group 1 shares group 0's targets
+    shared = flat_probs.clone().view_as(probs)
+    shared[1] = shared[0]
+    common = {"vocab_ids": vocab_ids, "chunk_size": 3}
+    expected = dspark_loss(
+        draft, None, labels, mask, target_probs=shared, target_outside_mass=1 - shared.sum(-1), **common
+    )
+    draft.grad = None
+    expected.loss.backward()
+    expected_grad = draft.grad.clone()
+    draft.grad = None
+    outside = 1 - flat_probs.sum(-1)
+    by_row = dspark_loss(
+        draft,
+        None,
+        labels,
+        mask,
+        target_probs=flat_probs,
+        target_outside_mass=outside,
+        target_rows=rows,
+        **common,
+    )
+    by_row.loss.backward()
+    torch.testing.assert_close(by_row.loss, expected.loss, rtol=0, atol=0)
+    torch.testing.assert_close(draft.grad, expected_grad, rtol=0, atol=0)

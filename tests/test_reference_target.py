@@ -114,3 +114,12 @@ def test_quickstart_trains_in_bfloat16_only_where_the_cpu_multiplies_it_natively
     for requested in (True, False):
         options = quickstart.QuickstartOptions(bf16=requested)
         assert quickstart.training_precision(options) == (requested, "as requested")
+
+
+@pytest.mark.parametrize("accelerator", [True, False])
+def test_quickstart_bf16_autocasts_on_the_accelerator_where_there_is_one(monkeypatch, accelerator):
+    from dspark_hf.reference import quickstart
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: accelerator)
+    assert quickstart.precision_arguments(True) == {"bf16": True, "use_cpu": not accelerator}
+    assert quickstart.precision_arguments(False) == {}

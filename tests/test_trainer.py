@@ -898,6 +898,34 @@ def test_processes_with_skewed_clocks_end_a_time_budget_together(tmp_path):
     assert ranks[0]["steps"] > 2 and ranks[0]["final_rate"] == 0.0
 
 
+def test_dspark_train_under_torchrun_regenerates_each_answer_once(tmp_path):
+    """README's multi-process command on 2 CPU processes (gloo): the main process answers the prompts, the
+    other waits and reads its answers, and the run trains and saves a drafter."""
+    from transformers import AutoTokenizer
+
+    from dspark_hf.reference.target import default_cache_dir
+
+    if not (default_cache_dir() / "tokenizer_config.json").is_file():
+        pytest.skip("the reference target's tokenizer is not cached")
+    tokenizer = AutoTokenizer.from_pretrained(default_cache_dir())
+    make_target(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "target")
+    tokenizer.save_pretrained(tmp_path / "target")
+    prompts = [f"What is {i} plus {i}?" for i in range(6)]
+    rows = [{"prompt": prompt, "response": "unused"} for prompt in prompts]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output = tmp_path / "drafter"
+    torchrun("-m", "dspark_hf.cli", "train", "--target", str(tmp_path / "target"),
+             "--dataset", str(tmp_path / "rows.jsonl"), "--regenerate", "--max_new_tokens", "6",
+             "--output_dir", str(output), "--per_device_train_batch_size", "1", "--num_anchors", "4",
+             "--max_steps", "2", "--num_hidden_layers", "1", "--block_size", "3", "--save_strategy", "no",
+             "--ddp_backend", "gloo", "--use_cpu")  # fmt: skip
+    answered = [
+        json.loads(line)["prompt"] for line in (output / "regenerated.jsonl").read_text().splitlines()
+    ]
+    assert sorted(answered) == sorted(prompts)
+    assert DSparkForCausalLM.from_pretrained(output).config.num_hidden_layers == 1
+
+
 def _budget_worker(output_dir: str, result: str) -> None:
     import types
 

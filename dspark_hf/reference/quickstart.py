@@ -189,9 +189,11 @@ def quickstart_drafter(target, tokenizer, options: QuickstartOptions) -> DSparkF
 
 
 def training_precision(options: QuickstartOptions) -> tuple[bool, str]:
-    """Whether the options train in bfloat16, and why (`bf16=None` follows the CPU)."""
+    """Whether the options train in bfloat16, and why (`bf16=None` follows the GPU, else the CPU)."""
     if options.bf16 is not None:
         return options.bf16, "as requested"
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return True, "the GPU computes bfloat16 natively"
     if cpu_has_native_bf16():
         return True, "this CPU multiplies bfloat16 natively"
     return False, "this CPU has no native bfloat16 matrix unit, where float32 is several times faster"
@@ -200,6 +202,14 @@ def training_precision(options: QuickstartOptions) -> tuple[bool, str]:
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
     """Where the quickstart's trainer saves checkpoints (on an interruption) under `output_dir`."""
     return Path(output_dir) / "checkpoints"
+
+
+def precision_arguments(bf16: bool) -> dict[str, bool]:
+    """The `TrainingArguments` of bfloat16 autocast: on the accelerator where there is one, else on the CPU
+    (`use_cpu`, which transformers requires for bfloat16 there)."""
+    if not bf16:
+        return {}
+    return {"bf16": True, "use_cpu": not torch.accelerator.is_available()}
 
 
 def training_arguments(options: QuickstartOptions, **overrides) -> DSparkTrainingArguments:
@@ -222,7 +232,7 @@ def training_arguments(options: QuickstartOptions, **overrides) -> DSparkTrainin
         "report_to": [],
         "seed": options.seed,
         "dataloader_num_workers": 0,
-        **({"bf16": True, "use_cpu": True} if training_precision(options)[0] else {}),
+        **precision_arguments(training_precision(options)[0]),
         **get_recipe(options.recipe).training,
     }
     return DSparkTrainingArguments(**{**settings, **overrides})
@@ -273,7 +283,7 @@ def evaluate(target, tokenizer, drafter, options: QuickstartOptions) -> dict:
         for text in load_prompts(name, "eval", limit=options.eval_prompts_per_set)
     ]
     prompts = [text for _, text in labelled]
-    inputs = [encode_chat_prompt(tokenizer, p) for p in prompts]
+    inputs = [encode_chat_prompt(tokenizer, p).to(target.device) for p in prompts]
     schedules = drafter.confidence_head is not None  # the DFlash recipe has no confidence head
     if schedules:
         # Scheduling weighs each draft's expected return against the target's measured cost of verifying it.
@@ -402,6 +412,7 @@ def run_quickstart(options: QuickstartOptions | None = None) -> dict:
     )
     training_target = load_reference_target(dtype=torch.bfloat16)[0] if bf16 else target
     drafter, trainer = train_quickstart_drafter(training_target, tokenizer, options)
+    target.to(drafter.device)  # the trainer put the drafter (and a float32 target) on the accelerator
     print("[3/3] evaluating against plain decoding")
     results = evaluate(target, tokenizer, drafter, options)
     results["training"] = {

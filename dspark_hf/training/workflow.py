@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from transformers.trainer_utils import get_last_checkpoint
@@ -32,7 +33,7 @@ from .arguments import DSparkTrainingArguments
 from .data import build_dataset, load_prompts, read_jsonl, reference_training_rows, regenerate_responses
 from .interruption import train_saving_on_interrupt
 from .recipes import RECIPES, get_recipe
-from .trainer import DSparkTrainer
+from .trainer import DSparkTrainer, place_target
 
 # The draft layers' projections and `fc`, which maps the target's features; the embedding and LM head are the
 # target's and stay frozen. The confidence head is tiny, so it is trained in full.
@@ -180,17 +181,22 @@ def training_rows(
     rows: list[dict] | None = None,
 ) -> list[dict]:
     """The chat rows to train on: `rows` (default: `dataset_rows`), answered anew by the target with
-    `regenerate`."""
+    `regenerate`.
+
+    Under several processes (torchrun, accelerate launch) the main process regenerates while the others
+    wait, then they read its answers from the cache: each answer is generated and written once. The wait
+    counts against the process group's timeout (`--ddp_timeout`, 30 minutes by default)."""
     rows = dataset_rows(script_args) if rows is None else rows
     if not script_args.regenerate:
         return rows
-    return regenerate_responses(
-        [_first_user_turn(row) for row in rows],
-        target,
-        tokenizer,
-        Path(output_dir) / "regenerated.jsonl",
-        max_new_tokens=script_args.max_new_tokens,
-    )
+    with PartialState().main_process_first():
+        return regenerate_responses(
+            [_first_user_turn(row) for row in rows],
+            target,
+            tokenizer,
+            Path(output_dir) / "regenerated.jsonl",
+            max_new_tokens=script_args.max_new_tokens,
+        )
 
 
 def build_drafter(
@@ -203,12 +209,13 @@ def build_drafter(
     """The drafter a run trains: the saved `drafter` folder loaded, or a fresh drafter for `target` with
     `config_overrides` (e.g. its shape) and the `recipe`'s drafter settings, which win.
 
-    Its weights are float32 whatever the target's: they are the master weights that mixed precision
-    (`--bf16`) updates; the trainer holds the frozen copies of the target's weights in the compute dtype."""
+    Its weights are float32 whatever the target's (unless `config_overrides` names a `dtype`): they are the
+    master weights that mixed precision (`--bf16`) updates; the trainer holds the frozen copies of the
+    target's weights in the compute dtype."""
     if drafter is not None:
         return DSparkForCausalLM.from_pretrained(drafter, dtype=torch.float32)
-    settings = {**config_overrides, **(get_recipe(recipe).drafter if recipe else {})}
-    return DSparkForCausalLM.from_target(target, tokenizer=tokenizer, dtype=torch.float32, **settings)
+    settings = {"dtype": torch.float32, **config_overrides, **(get_recipe(recipe).drafter if recipe else {})}
+    return DSparkForCausalLM.from_target(target, tokenizer=tokenizer, **settings)
 
 
 def lora_config(rank: int) -> Any:
@@ -252,6 +259,8 @@ def train_drafter(
     if resume is True and not _has_checkpoint(training_args.output_dir):
         raise InputError(f"--resume: {training_args.output_dir} holds no checkpoint to resume from.")
     target, tokenizer = load_target(script_args.target)
+    # Regeneration runs before the trainer places the target: on the accelerator, where there is one.
+    target = place_target(target, training_args.device)
     rows = training_rows(script_args, target, tokenizer, training_args.output_dir, rows)
     try:
         dataset = build_dataset(rows, tokenizer, max_length=script_args.max_length)
