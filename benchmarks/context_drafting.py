@@ -6,6 +6,9 @@ Interleaved per prompt, so load drift on a shared CPU hits every method alike; s
 decoding of the same prompts.
 
     python benchmarks/context_drafting.py --drafter path/to/drafter --limit 3 --max-new-tokens 96
+    # stepping aside with an untrained drafter against plain decoding, as in benchmarks/README.md
+    python benchmarks/context_drafting.py --methods step_aside_untrained --limit 10 --max-new-tokens 128 \
+        --temperatures 0 1 --threads 1 --name step_aside_untrained
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--temperatures", nargs="+", type=float, default=[0.0])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--methods", nargs="+", help="run only these methods (plain always runs), e.g. step_aside_untrained"
+    )
     parser.add_argument("--name", default="context_drafting")
     parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "results"))
     return parser.parse_args()
@@ -115,6 +121,11 @@ def main() -> None:
         methods["step_aside_untrained"] = assisted(
             "step_aside_untrained", untrained, {"step_aside": True}, do_sample
         )
+        if args.methods:
+            unknown = set(args.methods) - set(methods)
+            if unknown:
+                raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {sorted(methods)}")
+            methods = {name: run for name, run in methods.items() if name == "plain" or name in args.methods}
         for dataset in DATASETS:
             prompts = [encode_chat_prompt(tokenizer, p) for p in load_prompts(dataset, limit=args.limit)]
             runs = run_interleaved(methods, prompts)
