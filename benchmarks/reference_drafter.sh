@@ -11,7 +11,9 @@
 #   bash benchmarks/reference_drafter.sh                         # budgets 5 10 20 40: ~85 min, then
 #                                                              # calibration (~3 min) and the benchmark of
 #                                                              # the 40-minute drafters (60-90 min)
-#   bash benchmarks/reference_drafter.sh --max_train_minutes 40  # one point of the curve (~50 min)
+#   bash benchmarks/reference_drafter.sh --max_train_minutes 40  # one budget (~50 min), then the same
+#                                                              # calibration and benchmark of it
+#   bash benchmarks/reference_drafter.sh --max_train_minutes 40 --no_benchmark  # the training only
 #
 # A finished budget (its results.json exists) is not retrained, so an interrupted run resumes.
 set -euo pipefail
@@ -20,8 +22,9 @@ budgets=(5 10 20 40)
 benchmark=1
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        --max_train_minutes | --max-train-minutes) budgets=("$2"); benchmark=0; shift 2 ;;
-        *) echo "usage: $0 [--max_train_minutes MINUTES]" >&2; exit 2 ;;
+        --max_train_minutes | --max-train-minutes) budgets=("$2"); shift 2 ;;
+        --no_benchmark | --no-benchmark) benchmark=0; shift ;;
+        *) echo "usage: $0 [--max_train_minutes MINUTES] [--no_benchmark]" >&2; exit 2 ;;
     esac
 done
 
@@ -44,10 +47,17 @@ python benchmarks/scaling_curve.py --runs "$runs"
 
 largest="${budgets[-1]}"
 # Confidence temperatures (STS; 8 GSM8K + 8 MT-Bench prompts that the benchmark does not use, 128 tokens
-# each) and the target's cost profile for confidence scheduling.
-dspark calibrate "$runs/dspark-${largest}min/drafter" --profile_cost
+# each) and the target's cost profile for confidence scheduling, one thread, with the small-batch kernels
+# that the benchmark decodes with.
+OMP_NUM_THREADS=1 dspark calibrate "$runs/dspark-${largest}min/drafter" --profile_cost --small_batch_linears
 
-# Side-by-side benchmark, interleaved prompt by prompt, against plain fp32 / bf16 and prompt lookup.
+# Side-by-side benchmark, interleaved prompt by prompt, against plain fp32 / bf16 (the same small-batch
+# kernels for every method), prompt lookup and the combined method (lookup drafting + stepping aside); beside
+# it on the other core, stepping aside with an untrained drafter against plain decoding. One thread each.
 python benchmarks/run_benchmark.py --drafter "$runs/dspark-${largest}min/drafter" \
     --dflash-drafter "$runs/dflash-${largest}min/drafter" --name smollm2_reference \
-    --datasets gsm8k mt-bench humaneval --limit 10 --max-new-tokens 128 --temperatures 0 1 --threads 2
+    --datasets gsm8k mt-bench humaneval --limit 10 --max-new-tokens 128 --temperatures 0 1 --threads 1 \
+    --small-batch-linears &
+python benchmarks/context_drafting.py --methods step_aside_untrained --limit 10 --max-new-tokens 128 \
+    --temperatures 0 1 --threads 1 --name step_aside_untrained &
+wait
