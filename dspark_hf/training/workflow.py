@@ -341,10 +341,9 @@ def calibrate_drafter(
     Raises a ValueError on unusable arguments or too few rounds."""
     output, in_place = _calibration_output(drafter_path, output_dir)
     prompts = calibration_prompts(prompts_per_set)
-    if target is not None:
-        check_model_source(target, "target")  # before the drafter loads
-    drafter = DSparkForCausalLM.from_pretrained(drafter_path).eval()
     target_model, tokenizer = load_target(target)
+    # The target supplies the copies of its embedding and LM head that a saved drafter may omit.
+    drafter = DSparkForCausalLM.from_pretrained(drafter_path, verifier=target_model).eval()
     drafter.attach_target(target_model)
     rounds = record_calibration_rounds(
         target_model,
