@@ -168,7 +168,8 @@ def machine_info(threads: int) -> dict[str, Any]:
 def load_drafter(path: str | None, target, *, markov_rank: int, seed: int) -> DSparkForCausalLM:
     """A trained drafter from `path`, or (smoke runs) a freshly initialised one-layer drafter for `target`."""
     if path is not None:
-        return DSparkForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        # The target supplies the copies of its embedding and LM head that a saved drafter may omit.
+        return DSparkForCausalLM.from_pretrained(path, dtype=torch.float32, verifier=target).eval()
     torch.manual_seed(seed)
     return DSparkForCausalLM.from_target(target, num_hidden_layers=1, markov_rank=markov_rank).eval()
 

@@ -29,7 +29,7 @@ from .configuration_dspark import DSparkConfig
 from .context_cache import DSparkContextCache
 from .errors import InputError, check_model_source
 from .formats.registry import NATIVE_LAYOUT, format_of, load_config, needs_translation
-from .formats.weights import read_config_dict, write_native_folder
+from .formats.weights import omits_target_copies, read_config_dict, write_native_folder
 from .generation.drafting import DSparkGenerationMixin
 from .heads import ConfidenceHead, build_markov_head
 from .hub.model_card import DSparkHubMixin
@@ -295,12 +295,13 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
         """Load a checkpoint in any layout of `dspark_hf.formats` (native, DeepSpec's, speculators'), detected
         from its config.json; safetensors only (pickled weights are refused).
 
-        speculators checkpoints omit the copies of the target's embedding (and LM head): they are taken from
-        `verifier` (the target model, or its folder / Hub id), by default the verifier the checkpoint records.
-        Checkpoints whose tensors differ from the native layout are translated through a temporary native
-        folder, so every `from_pretrained` option applies unchanged. A local folder (drafter or verifier) that
-        is missing, holds no config.json or weights, or holds a malformed config.json or a truncated
-        safetensors file raises an `InputError` naming it.
+        speculators checkpoints omit the copies of the target's embedding (and LM head), and so may a local
+        native folder (saved with a `state_dict` without them, to keep its files small): they are taken from
+        `verifier` (the target model, or its folder / Hub id), by default the target the checkpoint records,
+        in the checkpoint's precision. Checkpoints whose tensors differ from the native layout are translated
+        through a temporary native folder, so every `from_pretrained` option applies unchanged. A local folder
+        (drafter or verifier) that is missing, holds no config.json or weights, or holds a malformed
+        config.json or a truncated safetensors file raises an `InputError` naming it.
         """
         path = str(pretrained_model_name_or_path)
         config_dict = read_config_dict(pretrained_model_name_or_path, "drafter folder")
@@ -317,7 +318,7 @@ class DSparkForCausalLM(DSparkGenerationMixin, DSparkHubMixin, DSparkPreTrainedM
                     )
                 raise InputError(f"drafter folder {path} holds no safetensors weights.")
         kwargs["use_safetensors"] = True
-        if needs_translation(config_dict):
+        if needs_translation(config_dict) or (os.path.isdir(path) and omits_target_copies(path)):
             if not os.path.isdir(path):
                 path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
             with tempfile.TemporaryDirectory() as native_dir:

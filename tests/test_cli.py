@@ -136,6 +136,19 @@ def test_train_defaults_to_the_quickstart_data_and_checks_its_recipe(tmp_path):
         TrainScriptArguments(recipe="dflash", drafter="folder")
 
 
+def test_train_regenerates_in_batches_of_the_given_size(record, tmp_path):
+    from dspark_hf.training.workflow import TrainScriptArguments, training_rows
+
+    calls = record(dspark_hf.training.workflow, "regenerate_responses", result=[])
+    rows = [{"prompt": "Hi", "response": "Hello"}, {"messages": [{"role": "user", "content": "Yo"}]}]
+    script_args = TrainScriptArguments(regenerate=True, max_new_tokens=32, regenerate_batch_size=64)
+    training_rows(script_args, None, None, str(tmp_path), rows)
+    (prompts, *_), kwargs = calls[0]
+    assert prompts == ["Hi", "Yo"] and kwargs == {"max_new_tokens": 32, "batch_size": 64}
+    with pytest.raises(ValueError, match="--regenerate_batch_size must be >= 1"):
+        TrainScriptArguments(regenerate_batch_size=0)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

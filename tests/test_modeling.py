@@ -19,6 +19,7 @@ from transformers import (
 import dspark_hf
 from dspark_hf import DSparkConfig, DSparkForCausalLM, export_deepspec
 from dspark_hf.context_cache import DSparkContextCache
+from dspark_hf.formats.weights import TARGET_COPY_WEIGHTS, omits_target_copies
 
 FIXTURE = Path(__file__).parent / "fixtures" / "deepspec_vanilla_conf"
 
@@ -141,6 +142,23 @@ def test_auto_classes_and_safetensors_round_trip(tmp_path):
         with torch.no_grad():
             a, b = model(*inputs[:3], prev_token_ids=inputs[3]), loaded(*inputs[:3], prev_token_ids=inputs[3])
         assert torch.equal(a.logits, b.logits) and torch.equal(a.confidence_logits, b.confidence_logits)
+
+
+def test_a_native_folder_without_the_target_copies_takes_them_from_the_verifier(tmp_path):
+    """A drafter saved without its copies of the target's embedding and LM head (small files) reloads exactly
+    with the target as verifier, and is refused without one rather than loaded with random copies."""
+    target = make_tiny_target(tie_word_embeddings=True)  # one tensor for both copies
+    drafter = make_tiny_drafter(target, seed=0).eval()
+    state_dict = {k: v for k, v in drafter.state_dict().items() if k not in TARGET_COPY_WEIGHTS}
+    drafter.save_pretrained(tmp_path, state_dict=state_dict, max_shard_size=8192)
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1 and omits_target_copies(tmp_path)
+    with pytest.raises(ValueError, match=r"omits \['embed_tokens.weight', 'lm_head.weight'\].*verifier="):
+        DSparkForCausalLM.from_pretrained(tmp_path)
+    reloaded = DSparkForCausalLM.from_pretrained(tmp_path, verifier=target).eval()
+    expected, got = drafter.state_dict(), reloaded.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    drafter.save_pretrained(tmp_path / "full")
+    assert not omits_target_copies(tmp_path / "full")
 
 
 def test_pickled_checkpoint_is_refused(tmp_path):

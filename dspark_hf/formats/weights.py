@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedConfig
 from transformers.utils import logging
@@ -119,11 +120,13 @@ def native_state_dict(
     absent = [name for name in missing if name not in copies]
     if absent:
         raise ValueError(
-            f"The checkpoint omits {absent}, copies of the target's weights (speculators takes them from the "
-            "verifier); pass `verifier=` (the target model or its folder / Hub id)."
+            f"The checkpoint omits {absent}, copies of the target's weights (speculators, and a native "
+            "folder saved without them, take them from the verifier); pass `verifier=` (the target model or "
+            "its folder / Hub id)."
         )
     dtype = tensors["fc.weight"].dtype  # the checkpoint's own precision, not the verifier's
-    tensors.update({name: copies[name].to(dtype) for name in missing})
+    # Copies of their own: a target with tied embeddings hands over one tensor for both.
+    tensors.update({name: copies[name].to(dtype, copy=True) for name in missing})
     return tensors
 
 
@@ -144,6 +147,17 @@ def load_folder_tensors(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise InputError(f"{folder} holds no safetensors weights.")
     check_safetensors_files(files)
     return {name: t for f in files for name, t in load_file(f).items()}
+
+
+def omits_target_copies(folder: str | os.PathLike) -> bool:
+    """Whether a local folder's safetensors files lack a copy of the target's embedding or LM head (read from
+    their headers only): a drafter saved without them, e.g. to keep every file small, since the target holds
+    them anyway."""
+    stored = set()
+    for file in Path(folder).glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            stored.update(f.keys())
+    return any(name not in stored for name in TARGET_COPY_WEIGHTS)
 
 
 def target_copy_tensors(verifier: PreTrainedModel | str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -206,6 +220,7 @@ __all__ = [
     "native_state_dict",
     "read_config_dict",
     "load_folder_tensors",
+    "omits_target_copies",
     "target_copy_tensors",
     "write_native_folder",
 ]

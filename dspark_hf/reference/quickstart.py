@@ -243,16 +243,18 @@ def _last_checkpoint_exists(output_dir: str) -> bool:
 
 
 def train_quickstart_drafter(
-    target, tokenizer, options: QuickstartOptions
+    target, tokenizer, options: QuickstartOptions, rows: list[dict] | None = None, **training_overrides
 ) -> tuple[DSparkForCausalLM, DSparkTrainer]:
-    """Train a fresh drafter for `target` on the vendored training rows; returns it and its trainer. With
-    bfloat16 training (`training_precision`), pass the target in bfloat16. Ctrl-C saves a checkpoint under
-    `checkpoint_dir`, which `options.resume` continues from (a run with none starts afresh)."""
-    dataset = build_dataset(reference_training_rows("train"), tokenizer, max_length=options.max_length)
+    """Train a fresh drafter for `target` on chat `rows` (default: the vendored training rows); returns it and
+    its trainer. `training_overrides` go to `training_arguments`. With bfloat16 training
+    (`training_precision`), pass the target in bfloat16. Ctrl-C saves a checkpoint under `checkpoint_dir`,
+    which `options.resume` continues from (a run with none starts afresh)."""
+    rows = reference_training_rows("train") if rows is None else rows
+    dataset = build_dataset(rows, tokenizer, max_length=options.max_length)
     trainer = DSparkTrainer(
         model=quickstart_drafter(target, tokenizer, options),
         target_model=target,
-        args=training_arguments(options),
+        args=training_arguments(options, **training_overrides),
         train_dataset=dataset,
         processing_class=tokenizer,
     )

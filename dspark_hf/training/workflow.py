@@ -64,6 +64,10 @@ class TrainScriptArguments:
         },
     )
     max_new_tokens: int = field(default=256, metadata={"help": "Answer length for --regenerate."})
+    regenerate_batch_size: int = field(
+        default=8,
+        metadata={"help": "Prompts answered together by --regenerate (on a GPU, 64 or more)."},
+    )
     max_length: int = field(default=2048, metadata={"help": "Tokens per training sequence."})
     eval_rows: int = field(default=0, metadata={"help": "Rows held out to evaluate acceptance at the end."})
     drafter: str | None = field(
@@ -122,6 +126,8 @@ class TrainScriptArguments:
             raise ValueError(f"{sorted(self.drafter_overrides())} define a new drafter, not --drafter's.")
         if self.drafter is not None and self.recipe is not None and get_recipe(self.recipe).drafter:
             raise ValueError(f"--recipe {self.recipe} defines a new drafter, not --drafter's.")
+        if self.regenerate_batch_size < 1:
+            raise ValueError(f"--regenerate_batch_size must be >= 1, got {self.regenerate_batch_size}.")
 
     def drafter_overrides(self) -> dict[str, Any]:
         """The `DSparkConfig` fields given for a fresh drafter."""
@@ -196,6 +202,7 @@ def training_rows(
             tokenizer,
             Path(output_dir) / "regenerated.jsonl",
             max_new_tokens=script_args.max_new_tokens,
+            batch_size=script_args.regenerate_batch_size,
         )
 
 
@@ -341,10 +348,12 @@ def calibrate_drafter(
     Raises a ValueError on unusable arguments or too few rounds."""
     output, in_place = _calibration_output(drafter_path, output_dir)
     prompts = calibration_prompts(prompts_per_set)
+    check_model_source(drafter_path, "drafter folder")  # before the target loads
     if target is not None:
-        check_model_source(target, "target")  # before the drafter loads
-    drafter = DSparkForCausalLM.from_pretrained(drafter_path).eval()
+        check_model_source(target, "target")
     target_model, tokenizer = load_target(target)
+    # The target supplies the copies of its embedding and LM head that a saved drafter may omit.
+    drafter = DSparkForCausalLM.from_pretrained(drafter_path, verifier=target_model).eval()
     drafter.attach_target(target_model)
     rounds = record_calibration_rounds(
         target_model,
