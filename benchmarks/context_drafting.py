@@ -14,6 +14,7 @@ decoding of the same prompts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from dspark_hf.generation.small_batch_linear import SmallBatchLinears
 from dspark_hf.hardware import cpu_description
 from dspark_hf.modeling_dspark import DSparkForCausalLM
 from dspark_hf.reference.benchmarking import encode_chat_prompt, json_safe, run_interleaved, timed_generate
@@ -43,6 +45,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--methods", nargs="+", help="run only these methods (plain always runs), e.g. step_aside_untrained"
     )
+    parser.add_argument(
+        "--small-batch-linears",
+        action="store_true",
+        help="run every method, plain decoding included, inside SmallBatchLinears (dspark_hf.generation)",
+    )
     parser.add_argument("--name", default="context_drafting")
     parser.add_argument("--output-dir", default=str(Path(__file__).resolve().parent / "results"))
     return parser.parse_args()
@@ -52,6 +59,12 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
     target, tokenizer = load_reference_target()
+    # Every method, plain decoding and the cost profile included, in the same runtime.
+    with SmallBatchLinears(target) if args.small_batch_linears else contextlib.nullcontext():
+        measure(args, target, tokenizer)
+
+
+def measure(args: argparse.Namespace, target, tokenizer) -> None:
     untrained = DSparkForCausalLM.from_target(target, tokenizer=tokenizer).eval()
     # DSpark and the combined method with the trained drafter (the untrained one without --drafter);
     # stepping aside alone with the untrained drafter.

@@ -59,5 +59,5 @@ python benchmarks/run_benchmark.py --drafter "$runs/dspark-${largest}min/drafter
     --datasets gsm8k mt-bench humaneval --limit 10 --max-new-tokens 128 --temperatures 0 1 --threads 1 \
     --small-batch-linears &
 python benchmarks/context_drafting.py --methods step_aside_untrained --limit 10 --max-new-tokens 128 \
-    --temperatures 0 1 --threads 1 --name step_aside_untrained &
+    --temperatures 0 1 --threads 1 --small-batch-linears --name step_aside_untrained &
 wait
