@@ -116,6 +116,13 @@ def shrinking_batch(target: Qwen3ForCausalLM, options: SmokeOptions, device: tor
     }
 
 
+def new_drafter(target: Qwen3ForCausalLM, options: SmokeOptions, dtype: torch.dtype) -> DSparkForCausalLM:
+    """A drafter warm-started from the target; id 1, which the random prompts never hold, is its mask."""
+    return DSparkForCausalLM.from_target(
+        target, dtype=dtype, num_hidden_layers=options.draft_layers, layer_init="target", mask_token_id=1
+    )
+
+
 def first_divergence(reference: torch.Tensor, other: torch.Tensor) -> int | None:
     """The first index where two token sequences differ (None when identical)."""
     length = min(reference.shape[-1], other.shape[-1])
@@ -127,13 +134,7 @@ def first_divergence(reference: torch.Tensor, other: torch.Tensor) -> int | None
 
 def drafting(target: Qwen3ForCausalLM, options: SmokeOptions, device: torch.device) -> dict:
     """Each drafting mode once on the same prompt; host synchronisations counted per round on CUDA."""
-    drafter = DSparkForCausalLM.from_target(
-        target,
-        dtype=torch.bfloat16,
-        num_hidden_layers=options.draft_layers,
-        layer_init="target",
-        mask_token_id=1,
-    ).to(device)
+    drafter = new_drafter(target, options, torch.bfloat16).to(device)
     drafter.eval().attach_target(target)
     block = drafter.config.block_size
     drafter.set_cost_profile(profile_cost(target, max_tokens=block + 1, repeats=3, show_progress=False))
@@ -189,13 +190,7 @@ def drafting(target: Qwen3ForCausalLM, options: SmokeOptions, device: torch.devi
 def training(target: Qwen3ForCausalLM, options: SmokeOptions, device: torch.device, output_dir: Path) -> dict:
     """Two steps at bfloat16 autocast over float32 masters, gradient checkpointing and a draft vocabulary,
     then a save / reload round trip."""
-    drafter = DSparkForCausalLM.from_target(
-        target,
-        dtype=torch.float32,
-        num_hidden_layers=options.draft_layers,
-        layer_init="target",
-        mask_token_id=1,
-    )
+    drafter = new_drafter(target, options, torch.float32)
     drafter.set_draft_vocab(torch.arange(options.draft_vocab_size))
     ids = prompts(options, 2 * options.train_batch_size, options.row_tokens, torch.device("cpu"))
     prompt_tokens = options.row_tokens // 8

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_drafter, make_tiny_target
+from conftest import load_script, make_tiny_drafter, make_tiny_target
 
 from dspark_hf.reference.benchmarking import ForwardLog, summarize, timed_generate
 from dspark_hf.scheduling.calibration import CalibrationRound
@@ -22,14 +22,7 @@ VOCAB, HIDDEN, BLOCK = 48, 48, 5
 LAYER_IDS = [-1, 0, 1]
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("run_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_script()
+bench = load_script("benchmarks/run_benchmark.py")
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

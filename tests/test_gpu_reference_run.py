@@ -1,7 +1,6 @@
 """examples/gpu_reference_run.py: its `--smoke` run on the CPU takes every step of the GPU run at a tiny size
 (the real drafter, a few prompts and steps), and without a GPU the full run is refused in one line."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from safetensors.torch import load_file
 
 from dspark_hf import DSparkForCausalLM
@@ -91,10 +91,7 @@ def test_the_drafter_is_saved_in_small_shards_that_reload_exactly(smoke_run, sum
 
 
 def test_without_a_gpu_the_full_run_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("gpu_reference_run", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
+    module = load_script("examples/gpu_reference_run.py")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as raised:
         module.main(["--output_dir", str(tmp_path / "run"), "--minutes", "6"])

@@ -1,26 +1,15 @@
 """examples/gpu_smoke.py at its tiny sizes on the CPU: every section runs and reports what it measured."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-
-def load_example(name):
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def smoke():
-    return load_example("gpu_smoke")
+    return load_script("examples/gpu_smoke.py")
 
 
 def test_tiny_smoke_run_covers_every_section(smoke, tmp_path, single_thread):

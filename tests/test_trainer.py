@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_drafter, make_tiny_target
+from conftest import load_script, make_tiny_drafter, make_tiny_target
 from datasets import Dataset
 from transformers import TrainingArguments
 
@@ -54,18 +54,6 @@ def make_rows(target, num_rows, seed=2):
         {"input_ids": row[: len(row) - i % 3], "loss_mask": mask[: len(row) - i % 3]}
         for i, row in enumerate(ids.tolist())
     ]
-
-
-def load_benchmark(name):
-    """A module of benchmarks/ (not a package)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_args(output_dir, **overrides):
@@ -733,7 +721,7 @@ def test_a_bf16_step_builds_no_float32_tensor_of_all_block_positions(tmp_path, m
     """Neither accelerate's float32 copy of the drafter's outputs nor the target's probabilities at every
     block position [anchors x block, vocab]: the float32 vocabulary-sized tensors of a bf16 step are the
     loss's chunks and the target's distinct positions."""
-    tracker_module = load_benchmark("training_memory")
+    tracker_module = load_script("benchmarks/training_memory.py")
     vocab, chunk_rows = 1000, 4
     monkeypatch.setattr("dspark_hf.training.loss._CHUNK_ELEMENTS", chunk_rows * vocab)
     target = make_target(vocab_size=vocab).to(torch.bfloat16)
